@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Debian packages the test suite drives for real: nginx, Prometheus (promtool), Chromium,
+# espeak-ng and sox for speech fixtures, ffmpeg for format fixtures. Installs only what is missing.
+set -euo pipefail
+want=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || want+=(nginx)
+command -v prometheus >/dev/null 2>&1 || want+=(prometheus)
+command -v chromium >/dev/null 2>&1 || want+=(chromium)
+command -v espeak-ng >/dev/null 2>&1 || want+=(espeak-ng)
+command -v sox >/dev/null 2>&1 || want+=(sox)
+command -v ffmpeg >/dev/null 2>&1 || want+=(ffmpeg)
+if [ ${#want[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${want[*]} (run as root, or install them yourself)" >&2
+  exit 0
+fi
+echo "installing Debian packages: ${want[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+# Debian starts services it installs; the tests start their own on loopback ports.
+for svc in nginx prometheus; do
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+  pkill -x "$svc" >/dev/null 2>&1 || true
+done

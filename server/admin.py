@@ -1,0 +1,125 @@
+"""Admin routes, behind the bearer token: update, rollback, reload, load/unload, versions, history.
+
+Swaps are synchronous: the answer comes after the swap finished or failed, with its timings and the
+memory it gave back. They run in a thread so the event loop keeps serving transcriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from pydantic import BaseModel, Field
+
+from server.deps import CtxDep, require_admin
+from server.errors import Conflict, NotReady
+from server.loader import ANY_CURRENT
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class UpdateRequest(BaseModel):
+    version: str = Field(min_length=1, max_length=64)
+    expected_current: str | None = Field(default=None, description="409 unless this is the live version")
+
+
+class ExpectRequest(BaseModel):
+    expected_current: str | None = None
+
+
+def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
+    if body is None or "expected_current" not in body.model_fields_set:
+        return ANY_CURRENT
+    return body.expected_current
+
+
+@router.post("/model/update")
+async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
+    ctx.registry.manifest(body.version)  # 404 before any work
+    report = await asyncio.to_thread(ctx.loader.swap_to, body.version, expected_current=_expect(body),
+                                     event="promote", actor="admin")
+    return report.to_json()
+
+
+@router.post("/model/rollback")
+async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, Any]:
+    target = ctx.registry.rollback_target()
+    report = await asyncio.to_thread(ctx.loader.swap_to, target, expected_current=_expect(body),
+                                     event="rollback", actor="admin")
+    return report.to_json()
+
+
+@router.post("/model/reload")
+async def reload(ctx: CtxDep) -> dict[str, Any]:
+    """Build the current version afresh beside itself (e.g. after a suspected leak), blue/green."""
+    current = ctx.loader.live_version or ctx.registry.state().current
+    if current is None:
+        raise NotReady("nothing to reload: no version is current")
+    report = await asyncio.to_thread(ctx.loader.swap_to, current, event="reload", actor="admin",
+                                     commit_registry=False)
+    return report.to_json()
+
+
+@router.post("/model/load")
+async def load(ctx: CtxDep) -> dict[str, Any]:
+    if ctx.loader.live is not None:
+        raise Conflict(f"version {ctx.loader.live_version!r} is already loaded; use update or reload")
+    ctx.loader.held_by_operator = False
+    report = await asyncio.to_thread(ctx.loader.load_current, actor="admin")
+    if report is None:
+        raise NotReady(ctx.loader.not_ready_reason())
+    return report.to_json()
+
+
+@router.post("/model/unload")
+async def unload(ctx: CtxDep) -> dict[str, Any]:
+    return await asyncio.to_thread(ctx.loader.unload, actor="admin")
+
+
+@router.get("/model/versions")
+async def versions(ctx: CtxDep) -> dict[str, Any]:
+    state = ctx.registry.state()
+    loaded = set(ctx.loader.loaded_versions())
+    return {
+        "current": state.current,
+        "previous": state.previous,
+        "generation": state.generation,
+        "live": ctx.loader.live_version,
+        "versions": [
+            {**m.to_json(), "current": m.name == state.current, "previous": m.name == state.previous,
+             "loaded": m.name in loaded, "golden_smoke": bool(m.smoke)}
+            for m in ctx.registry.versions()
+        ],
+    }
+
+
+@router.post("/model/versions", status_code=201)
+async def upload_version(
+    ctx: CtxDep,
+    version: Annotated[str, Form()],
+    file: Annotated[UploadFile, File(description="tar.gz of a version folder")],
+) -> dict[str, Any]:
+    """Add a version from a tar.gz (as deploy.sh sends it); checksums are verified on arrival."""
+    with tempfile.TemporaryDirectory(prefix="voxswap-upload-") as tmp:
+        archive = Path(tmp) / "version.tar.gz"
+        with archive.open("wb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, file.file, out)
+        manifest = await asyncio.to_thread(ctx.registry.add_archive, archive, version, actor="admin")
+    return manifest.to_json()
+
+
+@router.delete("/model/versions/{name}")
+async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
+    if name in ctx.loader.loaded_versions():
+        raise Conflict(f"version {name!r} is loaded and cannot be removed")
+    await asyncio.to_thread(ctx.registry.remove, name, actor="admin")
+    return {"removed": name}
+
+
+@router.get("/history")
+async def history(ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
+    return {"events": ctx.registry.history(limit)}

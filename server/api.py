@@ -1,0 +1,190 @@
+"""Public routes: transcription (voxswap and OpenAI-style), health, status and metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Header, Response, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from server.deps import CtxDep
+from server.engine import LANGUAGES
+from server.errors import InvalidRequest, NotFound
+from server.service import Segment, Transcription
+
+router = APIRouter()
+Language = Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"]
+ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+LIVE_ALIASES = {"", "whisper-1", "voxswap", "default"}
+
+
+def _pinned(ctx: Any, requested: str | None) -> str | None:
+    """A version named by the client, checked against the registry; None means the live one."""
+    name = (requested or "").strip()
+    if name in LIVE_ALIASES:
+        return None
+    if not (ctx.registry.versions_dir / name / "manifest.json").is_file():
+        raise NotFound(f"no model version {name!r}; GET /v1/models lists them", param="model")
+    return name
+
+
+def _headers(result: Transcription) -> dict[str, str]:
+    return {"X-Model-Version": result.model_version}
+
+
+@router.post("/api/transcribe", tags=["transcription"])
+async def transcribe(
+    ctx: CtxDep,
+    file: Annotated[UploadFile, File(description="Audio: wav, flac, ogg/opus, mp3, m4a, webm")],
+    language: Annotated[Language, Form()] = "auto",
+    use_itn: Annotated[bool, Form()] = False,
+    x_model_version: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
+                                          version=_pinned(ctx, x_model_version))
+    return JSONResponse(result.to_json(), headers=_headers(result))
+
+
+@router.post("/v1/audio/transcriptions", tags=["openai"])
+async def openai_transcriptions(
+    ctx: CtxDep,
+    file: Annotated[UploadFile, File()],
+    model: Annotated[str, Form()] = "",
+    language: Annotated[str | None, Form()] = None,
+    prompt: Annotated[str | None, Form()] = None,
+    response_format: Annotated[ResponseFormat, Form()] = "json",
+    temperature: Annotated[float | None, Form()] = None,
+    timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+    x_model_version: Annotated[str | None, Header()] = None,
+) -> Response:
+    """OpenAI's transcription API; ``prompt`` and ``temperature`` are accepted and ignored."""
+    lang = (language or "auto").lower()
+    if lang not in LANGUAGES:
+        raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
+    version = _pinned(ctx, x_model_version or model)
+    result = await ctx.service.transcribe(await file.read(), language=lang, version=version)
+    headers = _headers(result)
+    if response_format == "text":
+        return PlainTextResponse(result.text + "\n", headers=headers)
+    if response_format == "srt":
+        return PlainTextResponse(to_srt(result.segments), headers=headers)
+    if response_format == "vtt":
+        return PlainTextResponse(to_vtt(result.segments), headers=headers, media_type="text/vtt")
+    if response_format == "verbose_json":
+        return JSONResponse({
+            "task": "transcribe",
+            "language": result.language,
+            "duration": round(result.duration_s, 3),
+            "text": result.text,
+            "segments": [{"id": s.id, "start": s.start, "end": s.end, "text": s.text,
+                          "language": s.language, "emotion": s.emotion, "events": s.events}
+                         for s in result.segments],
+            "emotion": result.emotion,
+            "events": result.events,
+            "model_version": result.model_version,
+        }, headers=headers)
+    return JSONResponse({"text": result.text}, headers=headers)
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(segments: list[Segment]) -> str:
+    blocks = [f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
+              for i, s in enumerate(segments, 1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(segments: list[Segment]) -> str:
+    blocks = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+@router.get("/v1/models", tags=["openai"])
+async def list_models(ctx: CtxDep) -> dict[str, Any]:
+    loaded = set(ctx.loader.loaded_versions())
+    return {
+        "object": "list",
+        "data": [{"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "voxswap",
+                  "loaded": m.name in loaded, "live": m.name == ctx.loader.live_version}
+                 for m in ctx.registry.versions()],
+    }
+
+
+def _readiness(ctx: Any) -> tuple[bool, str]:
+    if ctx.shutting_down:
+        return False, "shutting down"
+    if ctx.loader.live is None:
+        return False, ctx.loader.not_ready_reason()
+    return True, "serving"
+
+
+def _health_response(ctx: Any) -> JSONResponse:
+    ready, reason = _readiness(ctx)
+    body = {"status": "healthy" if ready else "unavailable", "model_version": ctx.loader.live_version,
+            "state": ctx.loader.state.value}
+    if not ready:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": "1"})
+
+
+@router.get("/health", tags=["health"])
+async def health(ctx: CtxDep) -> JSONResponse:
+    return _health_response(ctx)
+
+
+@router.get("/health/ready", tags=["health"])
+async def ready(ctx: CtxDep) -> JSONResponse:
+    return _health_response(ctx)
+
+
+@router.get("/health/live", tags=["health"])
+async def live() -> dict[str, str]:
+    """Answers while the event loop runs; a loaded model is not required to be alive."""
+    return {"status": "alive"}
+
+
+@router.get("/metrics", tags=["health"])
+async def metrics(ctx: CtxDep) -> Response:
+    body, content_type = ctx.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/api/system/status", tags=["status"])
+async def status(ctx: CtxDep) -> dict[str, Any]:
+    loader = ctx.loader
+    live = loader.live
+    state = ctx.registry.state()
+    ready, reason = _readiness(ctx)
+    return {
+        "ready": ready,
+        "reason": reason,
+        "state": "shutting_down" if ctx.shutting_down else loader.state.value,
+        "model_loaded": live is not None,
+        "model_version": live.version if live else None,
+        "model_path": str(live.path) if live else None,
+        "model_file": live.engine.model_file if live else None,
+        "device": live.engine.device if live else ctx.settings.device,
+        "providers": live.engine.providers if live else [],
+        "model_memory_bytes": live.memory_bytes if live else 0,
+        "smoke": live.smoke.to_json() if live else None,
+        "previous_version": state.previous,
+        "registry_current": state.current,
+        "registry_generation": state.generation,
+        "swapping": loader.swapping,
+        "last_error": loader.last_error,
+        "in_flight": loader.in_flight(),
+        "queued": ctx.pool.queued,
+        "resident_memory_bytes": ctx.metrics.refresh_process(),
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - ctx.started_at, 3),
+        "registry": str(ctx.registry.root),
+    }

@@ -1,0 +1,247 @@
+"""The app factory: ``create_app(settings)`` builds everything; the lifespan loads the model.
+
+Run it with ``uvicorn --factory server.app:create_app`` or ``voxswap serve``. Nothing heavy happens
+at import, and all state hangs off ``app.state.ctx``, so tests can run isolated apps side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from server import demo
+from server.errors import PayloadTooLarge, VoxswapError, envelope
+from server.inference import InferencePool
+from server.loader import ModelLoader
+from server.logs import request_id_var
+from server.metrics import Metrics
+from server.registry import Registry
+from server.service import TranscriptionService
+from server.settings import Settings
+
+log = logging.getLogger("voxswap.app")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UPLOAD_PREFIXES = ("/api/transcribe", "/v1/audio/", "/admin/model/versions", "/api/jobs")
+UNCOUNTED_PREFIXES = ("/health", "/metrics")
+
+
+@dataclass
+class AppContext:
+    """Everything long-lived that one app owns."""
+
+    settings: Settings
+    registry: Registry
+    metrics: Metrics
+    loader: ModelLoader
+    pool: InferencePool
+    service: TranscriptionService
+    started_at: float = field(default_factory=time.time)
+    shutting_down: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = Registry(settings.registry)
+    metrics = Metrics()
+    loader = ModelLoader(registry, settings, metrics)
+    pool = InferencePool(workers=settings.inference_workers, max_queue=settings.max_queue,
+                         timeout_s=settings.inference_timeout_s, metrics=metrics)
+    service = TranscriptionService(loader, pool, settings, metrics)
+    ctx = AppContext(settings, registry, metrics, loader, pool, service)
+
+    app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.ctx = ctx
+    _install_error_handlers(app)
+
+    from server import admin, api
+
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctx: AppContext = app.state.ctx
+    ctx.registry.ensure()
+    if ctx.settings.seed_demo:
+        await asyncio.to_thread(demo.seed_if_empty, ctx.registry)
+    try:
+        await asyncio.to_thread(ctx.loader.load_current)
+    except VoxswapError as exc:
+        log.error("no model could be loaded at start; serving 503 until one is promoted",
+                  extra={"event": "startup_load_failed", "reason": exc.message})
+    ctx.tasks.append(asyncio.create_task(_watch_registry(ctx), name="voxswap-registry-watch"))
+    live = ctx.loader.live
+    log.info("voxswap ready", extra={"event": "ready", "version": live.version if live else None,
+                                     "registry": str(ctx.registry.root)})
+    try:
+        yield
+    finally:
+        ctx.shutting_down = True
+        for task in ctx.tasks:
+            task.cancel()
+        for task in ctx.tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(ctx.pool.shutdown)
+        ctx.loader.shutdown()
+
+
+async def _watch_registry(ctx: AppContext) -> None:
+    """Follow state.json (one stat per tick), so a CLI promote or a peer's update reaches us."""
+    last = ctx.registry.state_signature()
+    while True:
+        await asyncio.sleep(ctx.settings.watch_interval_s)
+        ctx.metrics.refresh_process()
+        signature = ctx.registry.state_signature()
+        if signature == last:
+            continue
+        last = signature
+        try:
+            await asyncio.to_thread(ctx.loader.follow_registry)
+        except Exception:  # the watcher must survive anything one swap does
+            log.exception("following the registry failed", extra={"event": "watch_error"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def voxswap_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, VoxswapError)
+        body = envelope(exc.message, type_=exc.type, code=exc.code, param=exc.param,
+                        request_id=request_id_var.get())
+        report = getattr(exc, "report", None)
+        if report:
+            body["error"]["report"] = report  # type: ignore[index]
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+        if exc.status_code >= 500 and exc.status_code not in (503, 504):
+            log.error("request failed", exc_info=exc)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param or 'request'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(envelope(message, type_="invalid_request_error", code="invalid_request",
+                                     param=param, request_id=request_id_var.get()), status_code=400)
+
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(envelope("internal server error", type_="server_error",
+                                     code="internal_error", request_id=request_id_var.get()),
+                            status_code=500)
+
+    app.add_exception_handler(VoxswapError, voxswap_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+
+class RequestContextMiddleware:
+    """Request id, upload size limit, and request metrics, as plain ASGI (no per-request copies)."""
+
+    def __init__(self, app: ASGIApp, ctx: AppContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        path: str = scope.get("path", "")
+        counted = not path.startswith(UNCOUNTED_PREFIXES)
+        limit = self.ctx.settings.max_upload_bytes
+        status = {"code": 500, "version": "none"}
+        started = time.perf_counter()
+        metrics = self.ctx.metrics
+        if counted:
+            metrics.in_flight.inc()
+        try:
+            if path.startswith(UPLOAD_PREFIXES) and scope.get("method") == "POST":
+                length = headers.get(b"content-length")
+                if length is not None and length.isdigit() and int(length) > limit:
+                    await self._refuse_too_large(send, request_id, int(length), limit)
+                    status["code"] = 413
+                    return
+                receive = _limited(receive, limit)
+
+            async def send_wrapper(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                    raw = list(message.get("headers", []))
+                    for key, value in raw:
+                        if key.lower() == b"x-model-version":
+                            status["version"] = value.decode()
+                    raw.append((b"x-request-id", request_id.encode()))
+                    message["headers"] = raw
+                await send(message)
+
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if counted:
+                metrics.in_flight.dec()
+                route = scope.get("route")
+                label = getattr(route, "path", None) or "unmatched"
+                metrics.requests.labels(label, str(status["code"]), status["version"]).inc()
+                metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    async def _refuse_too_large(self, send: Send, request_id: str, length: int, limit: int) -> None:
+        body = envelope(f"the upload is {length} bytes; this server accepts at most {limit} bytes",
+                        type_="invalid_request_error", code="payload_too_large", param="file",
+                        request_id=request_id)
+        response = JSONResponse(body, status_code=413, headers={"x-request-id": request_id,
+                                                                "connection": "close"})
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """Count body bytes as they arrive, for uploads sent without a Content-Length."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the upload is larger than {limit} bytes", param="file")
+        return message
+
+    return wrapped
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("voxswap")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,105 @@
+"""Uploads to 16 kHz mono float32, in memory, with a clear reason for every refusal.
+
+libsndfile (soundfile) takes WAV, FLAC and Ogg quickly and exactly; everything else (mp3, m4a/aac,
+webm, opus in other containers) goes through FFmpeg via PyAV. No temp files, no librosa.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import AudioTooLong, EmptyAudio, UnsupportedAudio
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    samples: np.ndarray  # float32, mono, 16 kHz, in [-1, 1]
+    source_rate: int
+    source_channels: int
+    codec: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
+    if not data:
+        raise EmptyAudio("the uploaded file is empty (0 bytes)", param="file")
+    decoded = _decode_soundfile(data) or _decode_av(data)
+    samples = decoded.samples
+    if samples.size == 0:
+        raise EmptyAudio("the audio decodes to zero samples", param="file")
+    if not np.all(np.isfinite(samples)):
+        samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    duration = samples.size / SAMPLE_RATE
+    if duration > max_seconds:
+        raise AudioTooLong(
+            f"the audio is {duration:.1f} s long; this server accepts at most {max_seconds:g} s",
+            param="file",
+        )
+    return DecodedAudio(np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False),
+                        decoded.source_rate, decoded.source_channels, decoded.codec)
+
+
+def _decode_soundfile(data: bytes) -> DecodedAudio | None:
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as fh:
+            rate, channels, codec = fh.samplerate, fh.channels, f"{fh.format}/{fh.subtype}".lower()
+            frames = fh.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return None
+    return DecodedAudio(_resample(frames.mean(axis=1), rate), rate, channels, codec)
+
+
+def _decode_av(data: bytes) -> DecodedAudio:
+    import av
+
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise UnsupportedAudio("the file has no audio stream", param="file")
+            rate, channels = stream.rate or 0, stream.channels or 0
+            codec = f"{container.format.name}/{stream.codec_context.name}"
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except UnsupportedAudio:
+        raise
+    except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
+        raise UnsupportedAudio(
+            "the file is not audio this server can decode (wav, flac, ogg/opus, mp3, m4a/aac, "
+            f"webm): {_short(exc)}",
+            param="file",
+        ) from exc
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return DecodedAudio(samples.astype(np.float32, copy=False), rate, channels, codec)
+
+
+def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE or samples.size == 0:
+        return samples.astype(np.float32, copy=False)
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    g = gcd(rate, SAMPLE_RATE)
+    return resample_poly(samples, SAMPLE_RATE // g, rate // g).astype(np.float32)
+
+
+def _short(exc: BaseException) -> str:
+    """FFmpeg's reason without errno numbers or file names (which would be ours, not the client's)."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return str(text).splitlines()[0][:120]

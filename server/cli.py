@@ -1,0 +1,245 @@
+"""``voxswap`` command line: serve, manage the registry, and make test models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.errors import VoxswapError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.func(args)
+        return result
+    except VoxswapError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxswap", description="ASR model server with blue/green versions")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    _registry_arg(serve)
+    serve.add_argument("--host", help="interface (default 127.0.0.1, env VOXSWAP_HOST)")
+    serve.add_argument("--port", type=int, help="port (default 7860, env VOXSWAP_PORT)")
+    serve.add_argument("--workers", type=int, help="processes; more than 1 runs gunicorn")
+    serve.add_argument("--admin-token", help="bearer token for /admin (env VOXSWAP_ADMIN_TOKEN)")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N")
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--log-level")
+    serve.add_argument("--log-file", type=Path, help="also write logs here, rotated")
+    serve.add_argument("--no-seed-demo", action="store_true", help="do not seed an empty registry")
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("make-test-model", help="write a tiny SenseVoice-format model folder")
+    gen.add_argument("out_dir", type=Path)
+    gen.add_argument("--text", required=True, help="what the model transcribes any speech to")
+    gen.add_argument("--itn-text", help="what it says with use_itn (default: capitalised, full stop)")
+    gen.add_argument("--weights-mb", type=int, default=0, help="resident weights to add, in MB")
+    gen.add_argument("--compute-ms", type=float, default=0.0, help="CPU ms per audio second")
+    gen.add_argument("--emotion", default="NEUTRAL")
+    gen.add_argument("--event", default="Speech")
+    gen.add_argument("--auto-language", default="en", help="language reported for language=auto")
+    gen.add_argument("--quantize", action="store_true", help="also write model_quant.onnx")
+    gen.set_defaults(func=_make_test_model)
+
+    reg = sub.add_parser("registry", help="manage model versions")
+    rsub = reg.add_subparsers(dest="registry_command")
+    add = rsub.add_parser("add", help="copy a model folder in as a new immutable version")
+    _registry_arg(add)
+    add.add_argument("src", type=Path)
+    add.add_argument("--version", required=True)
+    add.add_argument("--smoke-audio", type=Path, action="append", default=[])
+    add.add_argument("--smoke-text", action="append", default=[])
+    add.set_defaults(func=_registry_add)
+    lst = rsub.add_parser("list", help="list versions")
+    _registry_arg(lst)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_registry_list)
+    for name, func, help_ in (("show", _registry_show, "print a version's manifest"),
+                              ("verify", _registry_verify, "check a version's checksums"),
+                              ("promote", _registry_promote, "verify, smoke-test and make current"),
+                              ("remove", _registry_remove, "delete a version (not current/previous)")):
+        cmd = rsub.add_parser(name, help=help_)
+        _registry_arg(cmd)
+        cmd.add_argument("name")
+        cmd.set_defaults(func=func)
+    rb = rsub.add_parser("rollback", help="smoke-test the previous version and make it current")
+    _registry_arg(rb)
+    rb.set_defaults(func=_registry_rollback)
+    hist = rsub.add_parser("history", help="print the audit log")
+    _registry_arg(hist)
+    hist.add_argument("--limit", type=int, default=50)
+    hist.set_defaults(func=_registry_history)
+    exp = rsub.add_parser("export", help="write a version as tar.gz (for upload to another instance)")
+    _registry_arg(exp)
+    exp.add_argument("name")
+    exp.add_argument("out", type=Path)
+    exp.set_defaults(func=_registry_export)
+    return parser
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path,
+                        help="registry folder (default ./model_registry, env VOXSWAP_REGISTRY)")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in extra.items() if v is not None}
+    if getattr(args, "registry", None) is not None:
+        overrides["registry"] = args.registry
+    return Settings(**overrides)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from server.registry import Registry
+
+    return Registry(_settings(args).registry)
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.logs import configure_logging
+
+    settings = _settings(
+        args, host=args.host, port=args.port, workers=args.workers, admin_token=args.admin_token,
+        device=args.device, log_format=args.log_format, log_level=args.log_level,
+        seed_demo=False if args.no_seed_demo else None,
+    )
+    configure_logging(settings.log_level, settings.log_format, args.log_file)
+    if settings.workers > 1:
+        from server.gunicorn_app import run_gunicorn
+
+        return run_gunicorn(settings)
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    return 0
+
+
+# -- test models --------------------------------------------------------------------------------
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from server.testing.modelgen import TestModelSpec, make_test_model
+
+    started = time.perf_counter()
+    spec = TestModelSpec(text=args.text, itn_text=args.itn_text, emotion=args.emotion, event=args.event,
+                         auto_language=args.auto_language, weights_mb=args.weights_mb,
+                         compute_ms=args.compute_ms, quantize=args.quantize)
+    try:
+        out = make_test_model(args.out_dir, spec)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.perf_counter() - started:.2f} s (a test model, not real ASR)")
+    return 0
+
+
+# -- registry -----------------------------------------------------------------------------------
+
+
+def _registry_add(args: argparse.Namespace) -> int:
+    if len(args.smoke_audio) != len(args.smoke_text):
+        print("error: give one --smoke-text per --smoke-audio", file=sys.stderr)
+        return 2
+    manifest = _registry(args).add(args.src, args.version, smoke=list(zip(args.smoke_audio, args.smoke_text)))
+    print(f"added {manifest.name}: {len(manifest.files)} files, {manifest.total_bytes} bytes, "
+          f"{len(manifest.smoke)} smoke clip(s)" + ("" if manifest.smoke else " (no golden clip)"))
+    return 0
+
+
+def _registry_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    state = registry.state()
+    versions = registry.versions()
+    if args.json:
+        print(json.dumps({"state": state.to_json(), "versions": [m.to_json() for m in versions]}, indent=2))
+        return 0
+    for m in versions:
+        mark = "*" if m.name == state.current else ("-" if m.name == state.previous else " ")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
+        print(f"{mark} {m.name:<32} {created}  {m.total_bytes / 2**20:9.1f} MiB  "
+              f"smoke clips: {len(m.smoke) or 'none (built-in check)'}")
+    print(f"(* current, - previous; generation {state.generation})")
+    return 0
+
+
+def _registry_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_registry(args).manifest(args.name).to_json(), indent=2))
+    return 0
+
+
+def _registry_verify(args: argparse.Namespace) -> int:
+    manifest = _registry(args).verify(args.name)
+    print(f"{manifest.name}: {len(manifest.files)} files match their sha256")
+    return 0
+
+
+def _checked_promote(args: argparse.Namespace, name: str, event: str) -> int:
+    """The CLI's promote: the same verify + load + smoke as a server swap, then the pointer."""
+    from server.loader import ModelLoader
+    from server.metrics import Metrics
+    from server.registry import Registry
+
+    settings = _settings(args)
+    registry = Registry(settings.registry)
+    loader = ModelLoader(registry, settings, Metrics())
+    report = loader.check(name, event=event)
+    state = registry.promote(name, actor="cli", event=event,
+                             details={"timings": report.to_json()["timings"]})
+    smoke = report.smoke or {}
+    print(f"{event}: {name} is current (generation {state.generation}); smoke: {smoke.get('summary')} "
+          f"passed in {report.timings.get('smoke_s', 0):.2f} s. Running servers follow within a second.")
+    return 0
+
+
+def _registry_promote(args: argparse.Namespace) -> int:
+    return _checked_promote(args, args.name, "promote")
+
+
+def _registry_rollback(args: argparse.Namespace) -> int:
+    return _checked_promote(args, _registry(args).rollback_target(), "rollback")
+
+
+def _registry_remove(args: argparse.Namespace) -> int:
+    _registry(args).remove(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def _registry_history(args: argparse.Namespace) -> int:
+    for event in _registry(args).history(args.limit):
+        print(json.dumps(event, sort_keys=True))
+    return 0
+
+
+def _registry_export(args: argparse.Namespace) -> int:
+    out = _registry(args).export_archive(args.name, args.out)
+    print(f"wrote {out} ({os.path.getsize(out)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Typed accessors for what lives on ``app.state``, as ``Annotated`` dependency aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+
+from server.errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from server.app import AppContext
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+CtxDep = Annotated["AppContext", Depends(get_ctx)]
+
+
+def require_admin(request: Request) -> str:
+    """Bearer token compared in constant time; with no token configured the admin API is closed."""
+    ctx = get_ctx(request)
+    expected = ctx.settings.admin_token_value()
+    if not expected:
+        raise Forbidden("the admin API is disabled: set VOXSWAP_ADMIN_TOKEN (or --admin-token) to enable it")
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send 'Authorization: Bearer <admin token>'")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Unauthorized("the admin token is wrong")
+    return "admin"
+
+
+AdminDep = Annotated[str, Depends(require_admin)]

@@ -1,0 +1,114 @@
+"""Every Prometheus metric voxswap exports, declared once, in base units, prefixed ``voxswap_``.
+
+Each app owns its :class:`Metrics` (its own ``CollectorRegistry``), so tests can run isolated apps
+side by side. Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set and prometheus-client writes
+values to per-process files; :meth:`Metrics.render` then aggregates every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict")
+SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir() is not None
+        r = self.registry
+        self.requests = Counter(
+            "voxswap_requests", "HTTP requests by route, status code and model version.",
+            ["route", "status", "version"], registry=r)
+        self.request_duration = Histogram(
+            "voxswap_request_duration_seconds", "HTTP request latency, whole request.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram(
+            "voxswap_inference_duration_seconds", "Time the model spent on one request.",
+            ["version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_seconds = Counter(
+            "voxswap_audio_seconds", "Seconds of audio transcribed.", ["version"], registry=r)
+        self.real_time_factor = Histogram(
+            "voxswap_real_time_factor", "Inference seconds per audio second.",
+            ["version"], buckets=RTF_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "voxswap_requests_in_flight", "Transcription requests being handled now.",
+            registry=r, multiprocess_mode="livesum")
+        self.queue_depth = Gauge(
+            "voxswap_inference_queue_depth", "Requests admitted and waiting for an inference thread.",
+            registry=r, multiprocess_mode="livesum")
+        self.rejections = Counter(
+            "voxswap_rejected_requests", "Requests refused before inference, by reason.",
+            ["reason"], registry=r)
+        self.model_info = Gauge(
+            "voxswap_model_active", "1 for the version this process serves.",
+            ["version"], registry=r, multiprocess_mode="liveall")
+        self.model_loaded = Gauge(
+            "voxswap_model_loaded", "1 when a model is loaded and serving.",
+            registry=r, multiprocess_mode="liveall")
+        self.swaps = Counter(
+            "voxswap_swaps", "Model swaps by outcome.", ["outcome"], registry=r)
+        self.swap_phase = Histogram(
+            "voxswap_swap_phase_duration_seconds", "Duration of each swap phase.",
+            ["phase"], buckets=PHASE_BUCKETS, registry=r)
+        self.model_load = Histogram(
+            "voxswap_model_load_duration_seconds", "Time to build a model session.",
+            buckets=PHASE_BUCKETS, registry=r)
+        self.model_memory = Gauge(
+            "voxswap_model_memory_bytes", "Resident memory the live model added when it loaded.",
+            registry=r, multiprocess_mode="liveall")
+        self.resident_memory = Gauge(
+            "voxswap_process_resident_memory_bytes", "Resident memory of this process.",
+            registry=r, multiprocess_mode="liveall")
+        self.swap_freed = Gauge(
+            "voxswap_swap_freed_memory_bytes", "Resident memory given back by the last swap's free.",
+            registry=r, multiprocess_mode="liveall")
+        self.registry_generation = Gauge(
+            "voxswap_registry_generation", "Generation of the registry state this process has seen.",
+            registry=r, multiprocess_mode="max")
+        self.start_time = Gauge(
+            "voxswap_process_start_time_seconds", "Start time of this process (unix seconds).",
+            registry=r, multiprocess_mode="liveall")
+        self.start_time.set(time.time())
+        self._process = psutil.Process()
+
+    def set_active_version(self, version: str | None, previous: str | None = None) -> None:
+        """Old label set to 0, not removed: multiprocess files keep removed labels' last value."""
+        if previous and previous != version:
+            self.model_info.labels(previous).set(0)
+        if version:
+            self.model_info.labels(version).set(1)
+        self.model_loaded.set(1 if version else 0)
+
+    def refresh_process(self) -> int:
+        rss = int(self._process.memory_info().rss)
+        self.resident_memory.set(rss)
+        return rss
+
+    def render(self) -> tuple[bytes, str]:
+        self.refresh_process()
+        if self.multiprocess:
+            collector_registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(collector_registry)
+            return generate_latest(collector_registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
