@@ -72,10 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = ctx
     _install_error_handlers(app)
 
-    from server import admin, api
+    from server import admin, api, web
 
     app.include_router(api.router)
     app.include_router(admin.router)
+    app.include_router(web.router)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
     return app
 

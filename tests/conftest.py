@@ -1,0 +1,89 @@
+"""Shared fixtures: generated model folders (built once per session) and isolated apps."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.registry import Registry
+from server.settings import Settings
+from server.testing import synth
+from server.testing.harness import serve_in_thread
+from server.testing.modelgen import TestModelSpec, make_test_model
+
+TEXT_A = "model a says hello"
+TEXT_B = "model b greets you"
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``model_dir(text=..., **spec)`` -> a generated model folder, built once per distinct spec."""
+    cache: dict[TestModelSpec, Path] = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def build(text: str = TEXT_A, **kwargs: Any) -> Path:
+        spec = TestModelSpec(text=text, **kwargs)
+        if spec not in cache:
+            cache[spec] = make_test_model(root / f"m{len(cache)}", spec)
+        return cache[spec]
+
+    return build
+
+
+@pytest.fixture
+def registry(tmp_path: Path, model_dir: Callable[..., Path]) -> Registry:
+    """A registry with versions ``a`` (current) and ``b`` (added, not promoted)."""
+    reg = Registry(tmp_path / "registry").ensure()
+    reg.add(model_dir(TEXT_A), "a")
+    reg.add(model_dir(TEXT_B), "b")
+    reg.promote("a")
+    return reg
+
+
+@pytest.fixture
+def settings(registry: Registry) -> Settings:
+    return Settings(registry=registry.root, admin_token=TOKEN, seed_demo=False,  # type: ignore[arg-type]
+                    watch_interval_s=0.05, drain_timeout_s=10)
+
+
+@pytest.fixture
+def make_settings(registry: Registry) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        base: dict[str, Any] = dict(registry=registry.root, admin_token=TOKEN, seed_demo=False,
+                                    watch_interval_s=0.05, drain_timeout_s=10)
+        base.update(overrides)
+        return Settings(**base)
+
+    return build
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    app = create_app(settings)
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="session")
+def speech_wav() -> bytes:
+    return synth.wav_bytes(synth.speech_like(1.5, seed=1))
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
