@@ -10,6 +10,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from server.errors import AudioTooLong, EmptyAudio, UnsupportedAudio
 
@@ -18,7 +19,7 @@ SAMPLE_RATE = 16_000
 
 @dataclass(frozen=True)
 class DecodedAudio:
-    samples: np.ndarray  # float32, mono, 16 kHz, in [-1, 1]
+    samples: NDArray[np.float32]  # float32, mono, 16 kHz, in [-1, 1]
     source_rate: int
     source_channels: int
     codec: str
@@ -62,20 +63,20 @@ def _decode_soundfile(data: bytes) -> DecodedAudio | None:
 def _decode_av(data: bytes) -> DecodedAudio:
     import av
 
-    chunks: list[np.ndarray] = []
+    chunks: list[NDArray[np.float32]] = []
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
+            stream = container.streams.audio[0] if container.streams.audio else None
             if stream is None:
                 raise UnsupportedAudio("the file has no audio stream", param="file")
             rate, channels = stream.rate or 0, stream.channels or 0
             codec = f"{container.format.name}/{stream.codec_context.name}"
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            for frame in container.decode(stream):
+            for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
     except UnsupportedAudio:
         raise
     except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
@@ -88,7 +89,7 @@ def _decode_av(data: bytes) -> DecodedAudio:
     return DecodedAudio(samples.astype(np.float32, copy=False), rate, channels, codec)
 
 
-def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+def _resample(samples: NDArray[np.float32], rate: int) -> NDArray[np.float32]:
     if rate == SAMPLE_RATE or samples.size == 0:
         return samples.astype(np.float32, copy=False)
     from math import gcd
@@ -96,7 +97,8 @@ def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
     from scipy.signal import resample_poly
 
     g = gcd(rate, SAMPLE_RATE)
-    return resample_poly(samples, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    resampled: NDArray[np.float32] = resample_poly(samples, SAMPLE_RATE // g, rate // g).astype(np.float32)
+    return resampled
 
 
 def _short(exc: BaseException) -> str:

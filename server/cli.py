@@ -164,7 +164,8 @@ def _registry_add(args: argparse.Namespace) -> int:
     if len(args.smoke_audio) != len(args.smoke_text):
         print("error: give one --smoke-text per --smoke-audio", file=sys.stderr)
         return 2
-    manifest = _registry(args).add(args.src, args.version, smoke=list(zip(args.smoke_audio, args.smoke_text)))
+    clips = list(zip(args.smoke_audio, args.smoke_text, strict=True))
+    manifest = _registry(args).add(args.src, args.version, smoke=clips)
     print(f"added {manifest.name}: {len(manifest.files)} files, {manifest.total_bytes} bytes, "
           f"{len(manifest.smoke)} smoke clip(s)" + ("" if manifest.smoke else " (no golden clip)"))
     return 0

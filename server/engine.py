@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko", "nospeech")
 
@@ -50,12 +51,12 @@ class Engine:
         meta = self._model.ort_infer.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
 
-    def transcribe(self, waveform: np.ndarray, *, language: str = "auto", use_itn: bool = False) -> str:
+    def transcribe(self, waveform: NDArray[np.float32], *, language: str = "auto", use_itn: bool = False) -> str:
         """Raw SenseVoice output for one waveform, tags included (``<|en|><|NEUTRAL|>...``)."""
         return self.transcribe_batch([waveform], language=language, use_itn=use_itn)[0]
 
     def transcribe_batch(
-        self, waveforms: list[np.ndarray], *, language: str = "auto", use_itn: bool = False
+        self, waveforms: list[NDArray[np.float32]], *, language: str = "auto", use_itn: bool = False
     ) -> list[str]:
         """Raw output for several waveforms in one session run (padding to the longest)."""
         model = self._model

@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ log = logging.getLogger("voxswap.loader")
 ANY_CURRENT: Any = object()
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     NOT_LOADED = "not_loaded"
     LOADING = "loading"
     READY = "ready"
@@ -116,10 +116,8 @@ class SwapReport:
 
 def malloc_trim() -> None:
     """Hand freed heap pages back to the OS; glibc keeps them otherwise and RSS never drops."""
-    try:
+    with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ModelLoader:

@@ -109,6 +109,6 @@ class Metrics:
         self.refresh_process()
         if self.multiprocess:
             collector_registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(collector_registry)
+            multiprocess.MultiProcessCollector(collector_registry)  # type: ignore[no-untyped-call]
             return generate_latest(collector_registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -15,6 +15,7 @@ process learns about a promotion by noticing that ``state.json`` changed, never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -418,7 +419,5 @@ def _make_read_only(root: Path) -> None:
 
 def _make_writable(root: Path) -> None:
     for path in [root, *root.rglob("*")]:
-        try:
+        with contextlib.suppress(OSError):
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
-        except OSError:
-            pass

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from server import audio, richtext
 from server.inference import InferencePool
@@ -64,7 +65,7 @@ class TranscriptionService:
         return await self.pool.run(self.transcribe_samples, decoded.samples, language, use_itn, version)
 
     def transcribe_samples(
-        self, samples: np.ndarray, language: str, use_itn: bool, version: str | None
+        self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None
     ) -> Transcription:
         """Blocking: runs on an inference thread. The lease decides the version that answers."""
         duration = len(samples) / audio.SAMPLE_RATE

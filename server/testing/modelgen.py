@@ -143,7 +143,7 @@ def _ctc_sequence(ids: list[int]) -> list[int]:
         if frames and frames[-1] == tok:
             frames.append(0)
         frames.append(tok)
-    return frames + [0]
+    return [*frames, 0]
 
 
 def _build_graph(spec: TestModelSpec, sp: spm.SentencePieceProcessor, repeats: int) -> onnx.ModelProto:

@@ -10,15 +10,16 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 import soundfile as sf
 
 SAMPLE_RATE = 16_000
 
 
-def speech_like(seconds: float, *, seed: int = 0, level: float = 0.25) -> np.ndarray:
+def speech_like(seconds: float, *, seed: int = 0, level: float = 0.25) -> NDArray[np.float32]:
     """A voiced, syllable-rhythm signal (harmonics of a wandering f0 under a syllable envelope)."""
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * SAMPLE_RATE))
+    n = round(seconds * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
     f0 = 140.0 + 25.0 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, np.pi))
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
@@ -27,14 +28,15 @@ def speech_like(seconds: float, *, seed: int = 0, level: float = 0.25) -> np.nda
     envelope = 0.55 + 0.45 * np.sin(2 * np.pi * syllable_hz * t) ** 2
     signal = voiced * envelope + 0.02 * rng.standard_normal(n)
     peak = float(np.max(np.abs(signal))) or 1.0
-    return (level * signal / peak).astype(np.float32)
+    result: NDArray[np.float32] = (level * signal / peak).astype(np.float32)
+    return result
 
 
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(round(seconds * SAMPLE_RATE)), dtype=np.float32)
+def silence(seconds: float) -> NDArray[np.float32]:
+    return np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
-def islands(pattern: Sequence[tuple[str, float]], *, seed: int = 0) -> np.ndarray:
+def islands(pattern: Sequence[tuple[str, float]], *, seed: int = 0) -> NDArray[np.float32]:
     """Concatenate ("speech", s) and ("silence", s) parts, e.g. for long-audio segmentation tests."""
     parts = [
         speech_like(secs, seed=seed + i) if kind == "speech" else silence(secs)
@@ -43,7 +45,7 @@ def islands(pattern: Sequence[tuple[str, float]], *, seed: int = 0) -> np.ndarra
     return np.concatenate(parts) if parts else silence(0)
 
 
-def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
+def wav_bytes(samples: NDArray[np.float32], sample_rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, sample_rate, format="WAV", subtype=subtype)
     return buf.getvalue()

@@ -1,0 +1,151 @@
+"""The registry on disk: immutable versions, atomic pointer, append-only history, refusals."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.errors import Conflict, NotFound, RegistryError, UnexpectedCurrent, VerificationFailed
+from server.registry import Registry
+from tests.conftest import TEXT_A
+
+
+def test_add_records_every_file_with_size_and_sha256(tmp_path: Path, model_dir: Callable[..., Path]) -> None:
+    reg = Registry(tmp_path / "r")
+    manifest = reg.add(model_dir(TEXT_A), "v1")
+    paths = {f["path"] for f in manifest.files}
+    assert {"model.onnx", "config.yaml", "am.mvn", "chn_jpn_yue_eng_ko_spectok.bpe.model",
+            "smoke/clip.wav", "smoke/clip.txt"} <= paths
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in manifest.files)
+    assert manifest.smoke[0].text == TEXT_A
+    on_disk = json.loads((reg.versions_dir / "v1" / "manifest.json").read_text())
+    assert on_disk["name"] == "v1" and on_disk["total_bytes"] == manifest.total_bytes
+    assert not os.access(reg.versions_dir / "v1" / "model.onnx", os.W_OK) or os.geteuid() == 0
+    assert oct((reg.versions_dir / "v1" / "model.onnx").stat().st_mode & 0o777) == "0o444"
+    assert reg.history()[-1]["event"] == "add"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../escape", "", "x" * 65, "sp ace", "ünï"])
+def test_hostile_or_invalid_names_are_refused(tmp_path: Path, model_dir: Callable[..., Path], name: str) -> None:
+    reg = Registry(tmp_path / "r")
+    with pytest.raises(RegistryError):
+        reg.add(model_dir(TEXT_A), name)
+    assert reg.versions() == []
+
+
+def test_a_folder_missing_files_is_refused_before_anything_is_copied(tmp_path: Path) -> None:
+    src = tmp_path / "half"
+    src.mkdir()
+    (src / "config.yaml").write_text("frontend_conf: {}\n")
+    reg = Registry(tmp_path / "r")
+    with pytest.raises(RegistryError, match=r"missing am\.mvn.*model_quant\.onnx or model\.onnx"):
+        reg.add(src, "half")
+    assert reg.versions() == []
+    assert not reg.root.exists()  # refused before anything was created or copied
+
+
+def test_a_crash_during_add_leaves_no_half_version(
+    tmp_path: Path, model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry(tmp_path / "r")
+    calls = {"n": 0}
+    import server.registry as registry_module
+
+    real = registry_module.sha256_file
+
+    def dies_midway(path: Path) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the process were interrupted half way through checksums
+        return real(path)
+
+    monkeypatch.setattr(registry_module, "sha256_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        reg.add(model_dir(TEXT_A), "v1")
+    assert not (reg.versions_dir / "v1").exists()
+    assert list(reg.staging_dir.iterdir()) == []
+    monkeypatch.setattr(registry_module, "sha256_file", real)
+    assert reg.add(model_dir(TEXT_A), "v1").name == "v1"  # the name is free again
+
+
+def test_versions_are_immutable_names(tmp_path: Path, model_dir: Callable[..., Path]) -> None:
+    reg = Registry(tmp_path / "r")
+    reg.add(model_dir(TEXT_A), "v1")
+    with pytest.raises(Conflict, match="immutable"):
+        reg.add(model_dir("other"), "v1")
+
+
+def test_promote_and_rollback_move_current_and_previous(registry: Registry) -> None:
+    s = registry.promote("b")
+    assert (s.current, s.previous) == ("b", "a")
+    assert registry.rollback_target() == "a"
+    s2 = registry.promote("a", event="rollback")
+    assert (s2.current, s2.previous, s2.generation) == ("a", "b", s.generation + 1)
+    events = [(e["event"], e["version"]) for e in registry.history() if e["event"] in ("promote", "rollback")]
+    assert events[-3:] == [("promote", "a"), ("promote", "b"), ("rollback", "a")]
+
+
+def test_promote_is_compare_and_swap(registry: Registry) -> None:
+    with pytest.raises(UnexpectedCurrent):
+        registry.promote("b", expected_current="b")
+    assert registry.state().current == "a"
+    assert registry.promote("b", expected_current="a").current == "b"
+
+
+def test_remove_refuses_current_and_previous(registry: Registry, model_dir: Callable[..., Path]) -> None:
+    registry.promote("b")
+    for name in ("a", "b"):
+        with pytest.raises(Conflict):
+            registry.remove(name)
+    registry.add(model_dir("third"), "c")
+    registry.remove("c")
+    assert not (registry.versions_dir / "c").exists()
+    with pytest.raises(NotFound):
+        registry.remove("c")
+    assert registry.history()[-1]["event"] == "remove"
+
+
+def test_verify_catches_a_changed_byte(registry: Registry) -> None:
+    target = registry.version_dir("b") / "config.yaml"
+    os.chmod(target, 0o644)
+    target.write_text(target.read_text() + "#")
+    with pytest.raises(VerificationFailed, match=r"config\.yaml"):
+        registry.verify("b")
+    assert registry.verify("a").name == "a"
+
+
+def test_revert_takes_a_refused_version_out_of_current(registry: Registry) -> None:
+    registry.promote("b")
+    state = registry.revert("b", to="a", reason="smoke failed")
+    assert state.current == "a"
+    last = registry.history()[-1]
+    assert (last["event"], last["version"], last["to_version"]) == ("refused", "b", "a")
+
+
+def _promote_many(root: str, name: str, n: int) -> None:
+    reg = Registry(Path(root))
+    for _ in range(n):
+        reg.promote(name)
+
+
+def test_concurrent_promoters_in_many_processes_never_lose_an_update(registry: Registry) -> None:
+    before = registry.state().generation
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_promote_many, args=(str(registry.root), name, 15)) for name in ("a", "b", "a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    state = registry.state()
+    assert state.generation == before + 60
+    promotes = [e for e in registry.history() if e["event"] == "promote"]
+    assert len(promotes) == 61  # the fixture's first promote + 60
+    assert sorted(e["generation"] for e in promotes) == list(range(1, 62))
+    json.loads(registry.state_path.read_text())  # never a torn file
+    assert not [p for p in registry.root.iterdir() if p.name.endswith(".tmp")]
