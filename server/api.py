@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from server.deps import CtxDep
 from server.engine import LANGUAGES
 from server.errors import InvalidRequest, NotFound
-from server.service import Segment, Transcription
+from server.formats import to_srt, to_vtt
+from server.service import Transcription
 
 router = APIRouter()
 Language = Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"]
@@ -86,25 +87,6 @@ async def openai_transcriptions(
             "model_version": result.model_version,
         }, headers=headers)
     return JSONResponse({"text": result.text}, headers=headers)
-
-
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = round(seconds * 1000)
-    h, rem = divmod(ms, 3_600_000)
-    m, rem = divmod(rem, 60_000)
-    s, ms = divmod(rem, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def to_srt(segments: list[Segment]) -> str:
-    blocks = [f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
-              for i, s in enumerate(segments, 1)]
-    return "\n".join(blocks)
-
-
-def to_vtt(segments: list[Segment]) -> str:
-    blocks = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in segments]
-    return "WEBVTT\n\n" + "\n".join(blocks)
 
 
 @router.get("/v1/models", tags=["openai"])

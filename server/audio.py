@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from server.errors import AudioTooLong, EmptyAudio, UnsupportedAudio
+from server.errors import AudioTooLong, AudioTooShort, EmptyAudio, UnsupportedAudio
 
 SAMPLE_RATE = 16_000
+MIN_SECONDS = 0.1  # the front end needs one 25 ms frame; OpenAI's API refuses under 0.1 s too
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
     if not np.all(np.isfinite(samples)):
         samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
     duration = samples.size / SAMPLE_RATE
+    if duration < MIN_SECONDS:
+        raise AudioTooShort(
+            f"the audio is {duration * 1000:.0f} ms long; at least {MIN_SECONDS:g} s is needed",
+            param="file",
+        )
     if duration > max_seconds:
         raise AudioTooLong(
             f"the audio is {duration:.1f} s long; this server accepts at most {max_seconds:g} s",

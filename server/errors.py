@@ -31,6 +31,10 @@ class EmptyAudio(InvalidRequest):
     code = "empty_audio"
 
 
+class AudioTooShort(InvalidRequest):
+    code = "audio_too_short"
+
+
 class PayloadTooLarge(VoxswapError):
     status_code = 413
     code = "payload_too_large"
@@ -81,6 +85,10 @@ class UnexpectedCurrent(Conflict):
 
 class VersionNotLoaded(Conflict):
     code = "version_not_loaded"
+
+
+class JobNotFinished(Conflict):
+    code = "job_not_finished"
 
 
 class SwapFailed(VoxswapError):

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from server import audio, richtext
+from server import audio, richtext, segmenter
 from server.inference import InferencePool
-from server.loader import ModelLoader
+from server.loader import LoadedModel, ModelLoader
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -67,21 +68,48 @@ class TranscriptionService:
     def transcribe_samples(
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None
     ) -> Transcription:
-        """Blocking: runs on an inference thread. The lease decides the version that answers."""
-        duration = len(samples) / audio.SAMPLE_RATE
+        """Blocking: runs on an inference thread. One lease decides the version that answers the
+        whole file, however many segments long audio is cut into."""
+        spans = segmenter.split(samples, window_s=self.settings.segment_window_s)
         with self.loader.lease(version) as model:
             started = time.perf_counter()
-            raw = model.engine.transcribe(samples, language=language, use_itn=use_itn)
+            raws: list[str] = []
+            for batch in segmenter.batches(spans, self.settings.segment_batch_size):
+                raws += self.run_batch(model, samples, batch, language, use_itn)
             elapsed = time.perf_counter() - started
-        parsed = richtext.parse(raw)
-        self.metrics.inference_duration.labels(model.version).observe(elapsed)
-        self.metrics.audio_seconds.labels(model.version).inc(duration)
+        return self.assemble(model.version, samples, spans, raws, elapsed)
+
+    @staticmethod
+    def run_batch(model: LoadedModel, samples: NDArray[np.float32], spans: list[segmenter.Span],
+                  language: str, use_itn: bool) -> list[str]:
+        """Blocking: raw model output for some spans of ``samples``, in one session run."""
+        return model.engine.transcribe_batch([samples[s.start : s.end] for s in spans],
+                                             language=language, use_itn=use_itn)
+
+    def assemble(self, version: str, samples: NDArray[np.float32], spans: list[segmenter.Span],
+                 raws: list[str], elapsed: float) -> Transcription:
+        """Segments with their own tags; the file's tags are the most common among voiced ones."""
+        duration = len(samples) / audio.SAMPLE_RATE
+        self.metrics.inference_duration.labels(version).observe(elapsed)
+        self.metrics.audio_seconds.labels(version).inc(duration)
         if duration > 0:
-            self.metrics.real_time_factor.labels(model.version).observe(elapsed / duration)
-        segment = Segment(0, 0.0, round(duration, 3), parsed.text, parsed.language, parsed.emotion,
-                          parsed.events)
+            self.metrics.real_time_factor.labels(version).observe(elapsed / duration)
+        parsed = [richtext.parse(raw) for raw in raws]
+        voiced = [(span, p) for span, p in zip(spans, parsed, strict=True) if p.text]
+        segments = [Segment(i, round(span.start_s, 3), round(span.end_s, 3), p.text, p.language,
+                            p.emotion, p.events) for i, (span, p) in enumerate(voiced)]
+        tagged = [p for _, p in voiced] or parsed[:1]
+        language = _most_common([p.language for p in tagged])
+        events = list(dict.fromkeys(e for p in tagged for e in p.events))
+        separator = "" if language in ("zh", "yue", "ja") else " "
         return Transcription(
-            text=parsed.text, raw_text=raw, language=parsed.language, emotion=parsed.emotion,
-            events=parsed.events, model_version=model.version, duration_s=duration,
-            processing_ms=elapsed * 1000, segments=[segment] if parsed.text else [],
+            text=separator.join(s.text for s in segments), raw_text=" ".join(raws), language=language,
+            emotion=_most_common([p.emotion for p in tagged]), events=events, model_version=version,
+            duration_s=duration, processing_ms=elapsed * 1000, segments=segments,
         )
+
+
+def _most_common(values: list[str | None]) -> str | None:
+    """The most frequent value; on a tie, the one that came first."""
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(600.0, gt=0)
     """Longest accepted audio after decoding; longer gets 413."""
 
+    segment_window_s: float = Field(30.0, ge=5.0, le=300.0)
+    """Audio longer than this is cut at pauses into segments of at most this length."""
+
+    segment_batch_size: int = Field(4, ge=1, le=64)
+    """Segments of one long file run through the model together (memory grows with it)."""
+
     drain_timeout_s: float = Field(30.0, ge=0)
     """How long a swap or unload waits for requests still running on the old version."""
 
@@ -69,6 +75,34 @@ class Settings(BaseSettings):
 
     watch_interval_s: float = Field(0.2, gt=0)
     """How often the server stats state.json to follow promotions made by the CLI or peers."""
+
+    data_dir: Path = Path("data")
+    """Batch jobs live here: jobs.sqlite3 plus each job's uploaded audio and result. Share it
+    between the processes of one host; each job is claimed by exactly one of them."""
+
+    job_workers: int = Field(1, ge=0, le=64)
+    """Batch jobs one process runs at once (0: this process only accepts and serves jobs)."""
+
+    job_poll_s: float = Field(0.5, gt=0, le=60)
+    """How often an idle job worker looks for pending jobs (submissions here wake it at once)."""
+
+    job_max_attempts: int = Field(3, ge=1, le=100)
+    """A job whose process died under it this many times is failed instead of run again."""
+
+    max_pending_jobs: int = Field(10_000, ge=1)
+    """Jobs allowed to wait; a submission beyond this gets 503."""
+
+    job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """Finished jobs (and their audio and results) are deleted this long after they finished."""
+
+    webhook_attempts: int = Field(5, ge=1, le=20)
+    """Tries to deliver a job's webhook before giving up."""
+
+    webhook_backoff_s: float = Field(1.0, gt=0, le=600)
+    """Wait before the first webhook retry; doubled after each failed try."""
+
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    """Time limit for one webhook request."""
 
     log_level: str = "INFO"
     """Root log level."""
