@@ -25,6 +25,8 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 class UpdateRequest(BaseModel):
     version: str = Field(min_length=1, max_length=64)
     expected_current: str | None = Field(default=None, description="409 unless this is the live version")
+    watch_seconds: float | None = Field(default=None, ge=0, le=3600,
+                                        description="watch the new version this long; roll back if worse")
 
 
 class ExpectRequest(BaseModel):
@@ -41,8 +43,14 @@ def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
 async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
     ctx.registry.manifest(body.version)  # 404 before any work
     report = await asyncio.to_thread(ctx.loader.swap_to, body.version, expected_current=_expect(body),
-                                     event="promote", actor="admin")
+                                     event="promote", actor="admin", watch_seconds=body.watch_seconds)
     return report.to_json()
+
+
+@router.get("/model/watch")
+async def watch(ctx: CtxDep) -> dict[str, Any]:
+    """The last post-swap watch: watching, passed, rolled_back, inconclusive or superseded."""
+    return {"watch": ctx.loader.watch.current()}
 
 
 @router.post("/model/rollback")
@@ -68,8 +76,7 @@ async def reload(ctx: CtxDep) -> dict[str, Any]:
 async def load(ctx: CtxDep) -> dict[str, Any]:
     if ctx.loader.live is not None:
         raise Conflict(f"version {ctx.loader.live_version!r} is already loaded; use update or reload")
-    ctx.loader.held_by_operator = False
-    report = await asyncio.to_thread(ctx.loader.load_current, actor="admin")
+    report = await asyncio.to_thread(ctx.loader.load, actor="admin")
     if report is None:
         raise NotReady(ctx.loader.not_ready_reason())
     return report.to_json()

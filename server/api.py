@@ -105,6 +105,9 @@ def _readiness(ctx: Any) -> tuple[bool, str]:
         return False, "shutting down"
     if ctx.loader.live is None:
         return False, ctx.loader.not_ready_reason()
+    lagging = ctx.loader.convergence_problem()
+    if lagging:
+        return False, lagging
     return True, "serving"
 
 
@@ -169,4 +172,7 @@ async def status(ctx: CtxDep) -> dict[str, Any]:
         "pid": os.getpid(),
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "registry": str(ctx.registry.root),
+        "workers": [w.to_json() for w in ctx.loader.board.workers()],
+        "rollout": rollout.to_json() if (rollout := ctx.loader.board.rollout()) else None,
+        "watch": ctx.loader.watch.current(),
     }

@@ -7,14 +7,17 @@ at import, and all state hangs off ``app.state.ctx``, so tests can run isolated 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +57,10 @@ class AppContext:
     service: TranscriptionService
     started_at: float = field(default_factory=time.time)
     shutting_down: bool = False
+    recycle_reason: str | None = None  # set after a swap left this worker over its memory budget
+    recycling: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _recycle_lock: IO[str] | None = None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
     service = TranscriptionService(loader, pool, settings, metrics)
     ctx = AppContext(settings, registry, metrics, loader, pool, service)
+    loader.after_swap = lambda report: _check_memory_budget(ctx, report.version)
 
     app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan,
                   docs_url="/docs", redoc_url=None)
@@ -93,6 +100,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("no model could be loaded at start; serving 503 until one is promoted",
                   extra={"event": "startup_load_failed", "reason": exc.message})
     ctx.tasks.append(asyncio.create_task(_watch_registry(ctx), name="voxswap-registry-watch"))
+    ctx.tasks.append(asyncio.create_task(_heartbeat(ctx), name="voxswap-heartbeat"))
     live = ctx.loader.live
     log.info("voxswap ready", extra={"event": "ready", "version": live.version if live else None,
                                      "registry": str(ctx.registry.root)})
@@ -110,19 +118,82 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _watch_registry(ctx: AppContext) -> None:
-    """Follow state.json (one stat per tick), so a CLI promote or a peer's update reaches us."""
+    """Follow state.json (one stat per tick) and rollout.json, so a CLI promote, a peer's rollout or
+    an operator's unload reaches this process."""
     last = ctx.registry.state_signature()
+    pending = False
     while True:
         await asyncio.sleep(ctx.settings.watch_interval_s)
-        ctx.metrics.refresh_process()
-        signature = ctx.registry.state_signature()
-        if signature == last:
-            continue
-        last = signature
         try:
-            await asyncio.to_thread(ctx.loader.follow_registry)
+            signature = ctx.registry.state_signature()
+            if signature != last or pending:
+                last = signature
+                pending = not await asyncio.to_thread(ctx.loader.follow_registry)
+            if ctx.loader.board.rollout_path.exists() or ctx.loader.has_candidate:
+                await asyncio.to_thread(ctx.loader.follow_rollout)
         except Exception:  # the watcher must survive anything one swap does
             log.exception("following the registry failed", extra={"event": "watch_error"})
+
+
+async def _heartbeat(ctx: AppContext) -> None:
+    """Publish this process's heartbeat and refresh its memory gauge; sweep dead workers' files."""
+    beats = 0
+    while True:
+        try:
+            ctx.metrics.refresh_process()
+            await asyncio.to_thread(ctx.loader.publish)
+            if beats % 10 == 0:
+                await asyncio.to_thread(ctx.loader.board.sweep)
+        except Exception:
+            log.exception("heartbeat failed", extra={"event": "heartbeat_error"})
+        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling:
+            await asyncio.to_thread(_try_recycle, ctx)
+        beats += 1
+        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+def _check_memory_budget(ctx: AppContext, version: str) -> None:
+    budget = ctx.settings.memory_budget_mb
+    if not budget or ctx.settings.workers < 2:
+        return  # a lone process cannot be replaced without a gap; the metric and alert say it instead
+    rss = ctx.metrics.refresh_process()
+    if rss > budget * 2**20:
+        ctx.recycle_reason = (f"resident memory {rss / 2**20:.0f} MiB after the swap to {version!r} "
+                              f"exceeds the {budget} MiB budget")
+
+
+def _try_recycle(ctx: AppContext) -> None:
+    """Leave gracefully so gunicorn starts a fresh worker, but only when every other worker serves
+    and no other worker is being recycled: one at a time, never a gap in capacity."""
+    peers = ctx.loader.board.peers()
+    if len(peers) + 1 < ctx.settings.workers or any(p.state != "ready" for p in peers):
+        return
+    handle = (ctx.registry.root / ".recycle.lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return
+    ctx._recycle_lock = handle  # held until this process exits; the next worker waits for it
+    ctx.recycling = True
+    ctx.registry.record("recycle", pid=os.getpid(), version=ctx.loader.live_version, actor="memory_budget",
+                        outcome="started", reason=ctx.recycle_reason)
+    log.warning("recycling this worker", extra={"event": "recycle", "reason": ctx.recycle_reason})
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """SIGTERM arrived: readiness turns 503 now; serving goes on until the server stops accepting."""
+    ctx: AppContext = app.state.ctx
+    ctx.loader.draining = True
+    if ctx.recycling:
+        return  # peers keep this instance ready; only this worker leaves
+    if not ctx.shutting_down:
+        ctx.shutting_down = True
+        log.info("shutdown requested: readiness is 503, still serving",
+                 extra={"event": "shutdown_begin", "delay_s": ctx.settings.shutdown_delay_s})
+        with suppress(OSError):
+            ctx.loader.publish()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

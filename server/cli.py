@@ -125,17 +125,9 @@ def _serve(args: argparse.Namespace) -> int:
         seed_demo=False if args.no_seed_demo else None,
     )
     configure_logging(settings.log_level, settings.log_format, args.log_file)
-    if settings.workers > 1:
-        from server.gunicorn_app import run_gunicorn
+    from server.serving import run_gunicorn, serve_single
 
-        return run_gunicorn(settings)
-    import uvicorn
-
-    from server.app import create_app
-
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
-    return 0
+    return run_gunicorn(settings) if settings.workers > 1 else serve_single(settings)
 
 
 # -- test models --------------------------------------------------------------------------------

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from server.cluster import Rollout, Staged, WorkerBoard, WorkerInfo
 from server.engine import Engine, EngineLoadError
 from server.errors import (
     NotReady,
@@ -43,6 +46,7 @@ from server.metrics import Metrics
 from server.registry import Manifest, Registry
 from server.settings import Settings
 from server.smoke import SmokeReport, run_smoke
+from server.watch import PostSwapWatch, VersionStats
 
 log = logging.getLogger("voxswap.loader")
 ANY_CURRENT: Any = object()
@@ -98,9 +102,15 @@ class SwapReport:
     smoke: dict[str, Any] | None = None
     generation: int | None = None
     drained: bool = True
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    converged: bool | None = None
+    watch: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "watch": self.watch,
+            "workers": self.workers,
+            "converged": self.converged,
             "version": self.version,
             "from_version": self.from_version,
             "event": self.event,
@@ -135,7 +145,15 @@ class ModelLoader:
         self.held_by_operator = False  # unloaded on purpose: do not follow the registry back in
         self.last_error: str | None = None
         self.applied_generation = 0
+        self.board = WorkerBoard(registry)
+        self.draining = False  # shutting down: serve on, but take part in no rollout
+        self.after_swap: Callable[[SwapReport], None] = lambda report: None
+        self._staged: Staged | None = None
+        self._handled_rollout: str | None = None
+        self._started_at = time.time()
         self._process = psutil.Process()
+        self.stats = VersionStats()
+        self.watch = PostSwapWatch(self)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -214,8 +232,15 @@ class ModelLoader:
         event: str = "promote",
         actor: str = "api",
         commit_registry: bool = True,
+        watch_seconds: float | None = None,
     ) -> SwapReport:
-        """Blue/green switch to ``version``; raises :class:`SwapFailed` and keeps the old on failure."""
+        """Blue/green switch to ``version``; raises :class:`SwapFailed` and keeps the old on failure.
+
+        With ``commit_registry`` (promote, rollback) this process coordinates a two-phase rollout:
+        every live worker sharing the registry stages the version first, and the registry pointer
+        moves only when all of them are ready. Without it (following the registry, reload, load)
+        only this process changes.
+        """
         if not self._swap_lock.acquire(blocking=False):
             raise SwapInProgress("another swap is running; retry when it has finished", retry_after=2)
         try:
@@ -224,45 +249,25 @@ class ModelLoader:
                 raise UnexpectedCurrent(
                     f"live version is {live_before!r}, not {expected_current!r}; nothing changed"
                 )
-            return self._swap(version, live_before, event=event, actor=actor,
-                              commit_registry=commit_registry)
+            report = SwapReport(version=version, from_version=live_before, event=event)
+            body = self._coordinated if commit_registry else self._local
+            self._run(report, actor, lambda: body(report, actor))
         finally:
             self._swap_lock.release()
+        seconds = self.settings.watch_seconds if watch_seconds is None else watch_seconds
+        if commit_registry and seconds > 0 and live_before and live_before != version:
+            report.watch = self.watch.start(version, live_before, seconds).to_json()
+        return report
 
-    def _swap(self, version: str, live_before: str | None, *, event: str, actor: str,
-              commit_registry: bool) -> SwapReport:
-        report = SwapReport(version=version, from_version=live_before, event=event)
+    def _run(self, report: SwapReport, actor: str, body: Callable[[], None]) -> SwapReport:
+        """Shared bookkeeping of every swap: state, metrics, log, history on failure."""
         started = time.perf_counter()
         previous_state = self._state
         self._state = ModelState.SWAPPING if self._live else ModelState.LOADING
-        log.info("swap started", extra={"event": "swap_start", "version": version,
-                                         "from_version": live_before, "reason": event})
+        log.info("swap started", extra={"event": "swap_start", "version": report.version,
+                                         "from_version": report.from_version, "reason": report.event})
         try:
-            candidate = self._build(version, report)
-            report.memory["rss_with_both_bytes"] = self._rss()
-            if commit_registry:
-                try:
-                    state = self.registry.promote(
-                        version, expected_current=self.registry.state().current
-                        if live_before is None else live_before,
-                        actor=actor, event=event,
-                        details={"timings": report.to_json()["timings"]},
-                    )
-                except UnexpectedCurrent as exc:
-                    candidate.engine.close()
-                    self.metrics.swaps.labels("conflict").inc()
-                    report.outcome, report.reason = "conflict", exc.message
-                    raise
-                report.generation = state.generation
-                self.applied_generation = state.generation
-                self.metrics.registry_generation.set(state.generation)
-            old = self._flip(candidate)
-            report.timings["time_to_flip_s"] = time.perf_counter() - started
-            self.last_error = None
-            self.held_by_operator = False
-            self._state = ModelState.READY
-            if old is not None:
-                self._retire(old, report)
+            body()
         except SwapFailed as exc:
             self._state = previous_state if self._live else ModelState.NOT_LOADED
             self.metrics.swaps.labels(exc.outcome).inc()
@@ -271,20 +276,136 @@ class ModelLoader:
             exc.report = report.to_json()
             if self._live is None:
                 self.last_error = exc.message
-            self.registry.record("swap_failed", version=version, from_version=live_before, actor=actor,
-                                 outcome=exc.outcome, reason=exc.message, request=event,
-                                 timings=exc.report["timings"])
-            log.warning("swap refused", extra={"event": "swap_failed", "version": version,
+            self.registry.record("swap_failed", version=report.version, from_version=report.from_version,
+                                 actor=actor, outcome=exc.outcome, reason=exc.message, request=report.event,
+                                 timings=exc.report["timings"], workers=report.workers or None)
+            log.warning("swap refused", extra={"event": "swap_failed", "version": report.version,
                                                "outcome": exc.outcome, "reason": exc.message})
+            raise
+        except UnexpectedCurrent as exc:
+            self._state = previous_state if self._live else ModelState.NOT_LOADED
+            self.metrics.swaps.labels("conflict").inc()
+            report.outcome, report.reason = "conflict", exc.message
             raise
         except BaseException:
             self._state = ModelState.READY if self._live else ModelState.NOT_LOADED
             raise
         report.timings["total_s"] = time.perf_counter() - started
-        self.metrics.swaps.labels("rolled_back" if event in ("rollback", "auto_rollback") else "success").inc()
-        log.info("swap finished", extra={"event": "swap_done", "version": version,
-                                         "from_version": live_before, **_flat(report.to_json())})
+        outcome = "rolled_back" if report.event in ("rollback", "auto_rollback") else "success"
+        self.metrics.swaps.labels(outcome).inc()
+        log.info("swap finished", extra={"event": "swap_done", "version": report.version,
+                                         "from_version": report.from_version, **_flat(report.to_json())})
+        self.after_swap(report)
         return report
+
+    def _local(self, report: SwapReport, actor: str) -> None:
+        started = time.perf_counter()
+        candidate = self._build(report.version, report)
+        self._commit_local(candidate, report, started)
+
+    def _coordinated(self, report: SwapReport, actor: str) -> None:
+        started = time.perf_counter()
+        rollout = self.board.begin(report.version, report.from_version, self.settings.rollout_timeout_s)
+        try:
+            try:
+                candidate = self._build(report.version, report)
+            except SwapFailed as exc:
+                self.board.set_phase(rollout, "aborted", exc.message)
+                raise
+            self._stage(candidate, rollout.id)
+            t = time.perf_counter()
+            failure = self._await_peers_staged(rollout, report)
+            report.timings["peers_staged_s"] = time.perf_counter() - t
+            if failure is not None:
+                self.board.set_phase(rollout, "aborted", failure.message)
+                self._discard_candidate()
+                raise failure
+            expected = report.from_version if report.from_version is not None else self.registry.state().current
+            try:
+                state = self.registry.promote(report.version, expected_current=expected, actor=actor,
+                                              event=report.event, details={"timings": report.to_json()["timings"]})
+            except UnexpectedCurrent:
+                self.board.set_phase(rollout, "aborted", "the registry changed underneath the rollout")
+                self._discard_candidate()
+                raise
+            report.generation = state.generation
+            self.applied_generation = state.generation
+            self.metrics.registry_generation.set(state.generation)
+            self.board.set_phase(rollout, "committed")
+            self._commit_local(candidate, report, started)
+            t = time.perf_counter()
+            report.converged = self._await_peers_serving(report.version, report)
+            report.timings["peers_converged_s"] = time.perf_counter() - t
+        finally:
+            self.board.end(rollout)
+
+    def _commit_local(self, candidate: LoadedModel, report: SwapReport, started: float) -> None:
+        report.memory["rss_with_both_bytes"] = self._rss()
+        old = self._flip(candidate)
+        report.timings["time_to_flip_s"] = time.perf_counter() - started
+        self.last_error = None
+        self.held_by_operator = False
+        self._state = ModelState.READY
+        self.publish()
+        if old is not None and old is not candidate:
+            self._retire(old, report)
+
+    def _stage(self, candidate: LoadedModel, rollout_id: str) -> None:
+        """Hold a smoke-tested candidate beside the live version (pinnable) and tell the peers."""
+        with self._cond:
+            previous, self._candidate = self._candidate, candidate
+        if previous is not None and previous is not candidate:
+            previous.engine.close()
+        self._staged = Staged(rollout_id, candidate.version, "ready")
+        self.publish()
+
+    def _discard_candidate(self) -> None:
+        with self._cond:
+            candidate, self._candidate = self._candidate, None
+        self._staged = None
+        if candidate is not None:
+            candidate.retired = True
+            if candidate.leases == 0:
+                candidate.engine.close()
+            gc.collect()
+            malloc_trim()
+        self.publish()
+
+    def _await_peers_staged(self, rollout: Rollout, report: SwapReport) -> SwapFailed | None:
+        """Phase one: every live peer has built and smoke-tested the version, or one has not."""
+        while True:
+            peers = self.board.peers()
+            ours = {p.pid: p.staged for p in peers
+                    if p.staged is not None and p.staged.rollout_id == rollout.id}
+            report.workers = [{"pid": p.pid, "staged": asdict(ours[p.pid]) if p.pid in ours else None}
+                              for p in peers]
+            failed = [(pid, s) for pid, s in ours.items() if s.status == "failed"]
+            if failed:
+                pid, staged = failed[0]
+                return SwapFailed(f"worker {pid} refused version {rollout.version!r}: {staged.reason}; "
+                                  "no worker switched", outcome=staged.outcome or "load_failed")
+            if all(p.pid in ours and ours[p.pid].status == "ready" for p in peers):
+                return None
+            if time.time() > rollout.deadline:
+                waiting = [p.pid for p in peers if p.pid not in ours or ours[p.pid].status != "ready"]
+                return SwapFailed(f"workers {waiting} did not stage {rollout.version!r} within "
+                                  f"{self.settings.rollout_timeout_s:g} s; no worker switched", outcome="timeout")
+            time.sleep(0.05)
+
+    def _await_peers_serving(self, version: str, report: SwapReport) -> bool:
+        """Phase two: the answer waits until every live worker serves the committed version."""
+        deadline = time.monotonic() + self.settings.rollout_timeout_s
+        while True:
+            peers = self.board.peers()
+            report.workers = [{"pid": self.board.pid, "version": self.live_version}] + \
+                [{"pid": p.pid, "version": p.version} for p in peers]
+            if all(p.version == version for p in peers):
+                return True
+            if time.monotonic() > deadline:
+                log.warning("workers did not converge", extra={"event": "converge_timeout", "version": version,
+                                                               "workers": report.workers})
+                return False
+            time.sleep(0.05)
 
     def check(self, version: str, *, event: str = "check") -> SwapReport:
         """Verify, load and smoke-test ``version`` without serving it (the CLI's promote uses this)."""
@@ -299,7 +420,7 @@ class ModelLoader:
         report.timings["total_s"] = time.perf_counter() - started
         return report
 
-    def _build(self, version: str, report: SwapReport) -> LoadedModel:
+    def _build(self, version: str, report: SwapReport, role: str = "coordinator") -> LoadedModel:
         """Verify, load and smoke-test a candidate beside the live model; raise SwapFailed if not fit."""
         t = time.perf_counter()
         try:
@@ -309,7 +430,7 @@ class ModelLoader:
             raise SwapFailed(exc.message, outcome="verify_failed") from exc
         report.timings["verify_s"] = self._phase("verify", t)
 
-        fault = self._fault("LOAD")
+        fault = self._fault(version, role)
         t = time.perf_counter()
         rss_before = self._rss()
         try:
@@ -340,6 +461,9 @@ class ModelLoader:
     def _flip(self, candidate: LoadedModel) -> LoadedModel | None:
         with self._cond:
             old, self._live = self._live, candidate
+            if self._candidate is candidate:
+                self._candidate = None
+                self._staged = None
         self.metrics.set_active_version(candidate.version, old.version if old else None)
         self.metrics.model_memory.set(candidate.memory_bytes)
         return old
@@ -377,6 +501,9 @@ class ModelLoader:
         state = self.registry.state()
         self.applied_generation = state.generation
         self.metrics.registry_generation.set(state.generation)
+        if state.held:
+            self.held_by_operator = True
+            return None
         if not state.current:
             self.last_error = "the registry has no current version; promote one"
             return None
@@ -390,57 +517,149 @@ class ModelLoader:
                 return self.swap_to(fallback, event="load_fallback", actor=actor, commit_registry=False)
             raise
 
-    def follow_registry(self) -> SwapReport | None:
-        """Called when state.json changed: converge on its current version, or refuse and revert it."""
-        if self.held_by_operator or self.swapping:
-            return None
-        state = self.registry.state()
-        if state.generation == self.applied_generation:
-            return None
-        self.metrics.registry_generation.set(state.generation)
-        target = state.current
-        if target is None or target == self.live_version:
-            self.applied_generation = state.generation
-            return None
+    def follow_registry(self) -> bool:
+        """Converge on state.json's current version, or refuse and revert it. False: try again later.
+
+        A version this worker already staged for a rollout is flipped to without building it again.
+        """
+        if not self._swap_lock.acquire(blocking=False):
+            return False
         try:
-            report = self.swap_to(target, event="follow_registry", actor="registry", commit_registry=False)
-        except SwapInProgress:
+            state = self.registry.state()
+            if state.generation == self.applied_generation:
+                return True
+            self.metrics.registry_generation.set(state.generation)
+            if state.held:
+                if self._live is not None:
+                    self._unload_local(actor="registry")
+                self.held_by_operator = True
+                self.applied_generation = state.generation
+                return True
+            self.held_by_operator = False
+            target = state.current
+            if target is None or target == self.live_version:
+                self.applied_generation = state.generation
+                return True
+            report = SwapReport(version=target, from_version=self.live_version, event="follow_registry")
+            staged = self._candidate if self._candidate and self._candidate.version == target else None
+            try:
+                if staged is not None:
+                    self._run(report, "registry", lambda: self._commit_local(staged, report, time.perf_counter()))
+                else:
+                    self._run(report, "registry", lambda: self._local(report, "registry"))
+            except SwapFailed as exc:
+                reverted = self.registry.revert(target, to=self.live_version, reason=exc.message)
+                self.applied_generation = reverted.generation
+                return True
+            self.applied_generation = state.generation
+            return True
+        finally:
+            self._swap_lock.release()
+
+    def follow_rollout(self) -> None:
+        """As a peer: stage the rollout another worker coordinates, or drop a candidate it aborted."""
+        rollout = self.board.rollout()
+        if rollout is None or rollout.coordinator_pid == self.board.pid:
+            if rollout is None and self._candidate is not None and not self.swapping \
+                    and self.registry.state().current != self._candidate.version:
+                self._discard_candidate()  # the coordinator went away without committing
+            return
+        if rollout.phase == "aborted" and self._staged and self._staged.rollout_id == rollout.id:
+            self._discard_candidate()
+        if rollout.phase != "staging" or self._handled_rollout == rollout.id or self.draining:
+            return
+        if not self._swap_lock.acquire(blocking=False):
+            return
+        try:
+            self._handled_rollout = rollout.id
+            self._staged = Staged(rollout.id, rollout.version, "loading")
+            self.publish()
+            report = SwapReport(version=rollout.version, from_version=self.live_version, event="stage")
+            try:
+                candidate = self._build(rollout.version, report, role="follower")
+            except SwapFailed as exc:
+                self.metrics.swaps.labels(exc.outcome).inc()
+                self._staged = Staged(rollout.id, rollout.version, "failed", exc.message, exc.outcome)
+                self.publish()
+                log.warning("staging refused", extra={"event": "stage_failed", "version": rollout.version,
+                                                      "outcome": exc.outcome, "reason": exc.message})
+                return
+            self._stage(candidate, rollout.id)
+            log.info("staged", extra={"event": "staged", "version": rollout.version, "rollout": rollout.id,
+                                      **_flat(report.to_json())})
+        finally:
+            self._swap_lock.release()
+
+    def convergence_problem(self) -> str | None:
+        """Why this instance is not ready although it serves: a worker stuck on another version."""
+        state = self.registry.state()
+        if state.held or not state.current or time.time() - state.updated_at < self.settings.convergence_grace_s:
             return None
-        except SwapFailed as exc:
-            reverted = self.registry.revert(target, to=self.live_version, reason=exc.message)
-            self.applied_generation = reverted.generation
-            return None
-        self.applied_generation = state.generation
-        return report
+        for worker in self.board.workers():
+            if not worker.draining and worker.version != state.current:
+                return (f"worker {worker.pid} serves {worker.version!r} but the registry's current version "
+                        f"is {state.current!r} (committed {time.time() - state.updated_at:.0f} s ago)")
+        return None
+
+    def heartbeat(self) -> WorkerInfo:
+        return WorkerInfo(pid=self.board.pid, host=self.board.host, version=self.live_version,
+                          state=self._state.value, in_flight=self.in_flight(), rss_bytes=self._rss(),
+                          started_at=self._started_at, draining=self.draining, staged=self._staged,
+                          stats=self.stats.summary())
+
+    def stats_of_all_workers(self) -> list[dict[str, Any]]:
+        """Recent per-version request outcomes of this process and every live peer."""
+        return [self.stats.summary()] + [w.stats for w in self.board.peers()]
+
+    def publish(self) -> None:
+        self.board.publish(self.heartbeat())
+
+    @property
+    def has_candidate(self) -> bool:
+        return self._candidate is not None
 
     def unload(self, *, actor: str = "api") -> dict[str, Any]:
+        """Free the model in every process following the registry; readiness then says why."""
         if not self._swap_lock.acquire(blocking=False):
             raise SwapInProgress("a swap is running; unload when it has finished", retry_after=2)
         try:
-            with self._cond:
-                old, self._live = self._live, None
+            state = self.registry.set_held(True, actor=actor)
+            self.applied_generation = state.generation
             self.held_by_operator = True
-            if old is None:
-                return {"unloaded": None}
-            self._state = ModelState.UNLOADING
-            report = SwapReport(version=old.version, from_version=old.version, event="unload")
-            self.metrics.set_active_version(None, old.version)
-            self.metrics.model_memory.set(0)
-            self._retire(old, report)
-            self._state = ModelState.NOT_LOADED
-            self.registry.record("unload", version=report.version, actor=actor, outcome="success",
-                                 freed_bytes=report.memory.get("freed_bytes"))
-            log.info("model unloaded", extra={"event": "unload", **_flat(report.to_json())})
-            return {"unloaded": report.version, **report.to_json()}
+            return self._unload_local(actor=actor)
         finally:
             self._swap_lock.release()
+
+    def load(self, *, actor: str = "api") -> SwapReport | None:
+        """Undo an unload: every process loads the registry's current version again."""
+        self.registry.set_held(False, actor=actor)
+        self.held_by_operator = False
+        return self.load_current(actor=actor)
+
+    def _unload_local(self, *, actor: str) -> dict[str, Any]:
+        with self._cond:
+            old, self._live = self._live, None
+        if old is None:
+            return {"unloaded": None}
+        self._state = ModelState.UNLOADING
+        report = SwapReport(version=old.version, from_version=old.version, event="unload")
+        self.metrics.set_active_version(None, old.version)
+        self.metrics.model_memory.set(0)
+        self._retire(old, report)
+        self._state = ModelState.NOT_LOADED
+        self.publish()
+        log.info("model unloaded", extra={"event": "unload", "actor": actor, **_flat(report.to_json())})
+        return {"unloaded": report.version, **report.to_json()}
 
     def shutdown(self) -> None:
         with self._cond:
             live, self._live = self._live, None
-        if live is not None:
-            live.engine.close()
+            candidate, self._candidate = self._candidate, None
+        for model in (live, candidate):
+            if model is not None:
+                model.engine.close()
         self._state = ModelState.NOT_LOADED
+        self.board.withdraw()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -452,13 +671,26 @@ class ModelLoader:
     def _rss(self) -> int:
         return int(self._process.memory_info().rss)
 
-    def _fault(self, kind: str) -> str | None:
-        """Test-only fault hooks, honoured only with ``fault_injection`` on (see settings)."""
+    def _fault(self, version: str, role: str) -> str | None:
+        """Test-only: ``faults/load.json`` ({"version", "role"}) makes ONE worker fail its load.
+
+        Honoured only with ``fault_injection`` on. The first matching worker claims the file by
+        renaming it, so exactly one process fails, whichever it is.
+        """
         if not self.settings.fault_injection:
             return None
-        import os
-
-        return os.environ.get(f"VOXSWAP_FAULT_{kind}") or None
+        path = self.registry.root / "faults" / "load.json"
+        try:
+            fault = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if fault.get("version") not in (None, version) or fault.get("role") not in (None, role):
+            return None
+        try:
+            os.rename(path, path.with_name(f"load.claimed.{os.getpid()}.json"))
+        except FileNotFoundError:
+            return None  # another worker claimed it first
+        return f"injected load failure in worker {os.getpid()}"
 
 
 def _flat(data: dict[str, Any]) -> dict[str, Any]:

@@ -79,9 +79,15 @@ def configure_logging(level: str = "INFO", fmt: str = "text", log_file: Path | N
         handler.addFilter(RequestIdFilter())
         root.addHandler(handler)
     root.setLevel(level.upper())
+    route_server_loggers(quiet_access)
+
+
+def route_server_loggers(quiet_access: bool = True) -> None:
+    """uvicorn's and gunicorn's loggers go through the root handlers: one format for every line."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    if quiet_access:
-        logging.getLogger("uvicorn.access").addFilter(QuietAccessFilter())
+    access = logging.getLogger("uvicorn.access")
+    if quiet_access and not any(isinstance(f, QuietAccessFilter) for f in access.filters):
+        access.addFilter(QuietAccessFilter())

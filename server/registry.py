@@ -26,7 +26,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ class RegistryState:
     generation: int = 0
     updated_at: float = 0.0
     reason: str = ""
+    held: bool = False  # an operator unloaded the model: every process stays unloaded until load
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +129,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     with tmp.open("w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
@@ -157,6 +158,11 @@ class Registry:
         self.history_path = self.root / "history.jsonl"
         self.staging_dir = self.root / ".staging"
         self._lock = FileLock(str(self.root / ".lock"), timeout=lock_timeout_s)
+
+    @property
+    def lock(self) -> FileLock:
+        """The lock every writer of registry-wide files takes (re-entrant within a process)."""
+        return self._lock
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -262,7 +268,7 @@ class Registry:
                 smoke=clips,
                 metadata=metadata or {},
             )
-            _write_json_atomic(staging / MANIFEST, manifest.to_json())
+            write_json_atomic(staging / MANIFEST, manifest.to_json())
             _make_read_only(staging)
             os.rename(staging, self.versions_dir / name)
             _fsync_dir(self.versions_dir)
@@ -340,9 +346,22 @@ class Registry:
             previous = state.current if state.current != name else state.previous
             new = RegistryState(current=name, previous=previous, generation=state.generation + 1,
                                 updated_at=time.time(), reason=event)
-            _write_json_atomic(self.state_path, new.to_json())
+            write_json_atomic(self.state_path, new.to_json())
             self._append_history(event, version=name, from_version=state.current, actor=actor,
                                  outcome="success", generation=new.generation, **(details or {}))
+        return new
+
+    def set_held(self, held: bool, *, actor: str = "api") -> RegistryState:
+        """Unload (held) or load back the model in every process that follows this registry."""
+        with self._lock:
+            state = self.state()
+            if state.held == held:
+                return state
+            new = replace(state, held=held, generation=state.generation + 1, updated_at=time.time(),
+                          reason="unload" if held else "load")
+            write_json_atomic(self.state_path, new.to_json())
+            self._append_history("unload" if held else "load", version=state.current, actor=actor,
+                                 outcome="success", generation=new.generation)
         return new
 
     def rollback_target(self) -> str:
@@ -358,8 +377,9 @@ class Registry:
             if state.current != refused:
                 return state
             new = RegistryState(current=to, previous=state.previous if state.previous != to else None,
-                                generation=state.generation + 1, updated_at=time.time(), reason="refused")
-            _write_json_atomic(self.state_path, new.to_json())
+                                generation=state.generation + 1, updated_at=time.time(), reason="refused",
+                                held=state.held)
+            write_json_atomic(self.state_path, new.to_json())
             self._append_history("refused", version=refused, to_version=to, actor=actor,
                                  outcome="reverted", reason=reason, generation=new.generation)
         return new

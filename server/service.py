@@ -74,10 +74,17 @@ class TranscriptionService:
         with self.loader.lease(version) as model:
             started = time.perf_counter()
             raws: list[str] = []
-            for batch in segmenter.batches(spans, self.settings.segment_batch_size):
-                raws += self.run_batch(model, samples, batch, language, use_itn)
+            try:
+                for batch in segmenter.batches(spans, self.settings.segment_batch_size):
+                    raws += self.run_batch(model, samples, batch, language, use_itn)
+            except Exception:
+                self.loader.stats.record(model.version, ok=False, empty=False,
+                                         latency_s=time.perf_counter() - started)
+                raise
             elapsed = time.perf_counter() - started
-        return self.assemble(model.version, samples, spans, raws, elapsed)
+        result = self.assemble(model.version, samples, spans, raws, elapsed)
+        self.loader.stats.record(model.version, ok=True, empty=not result.text, latency_s=elapsed)
+        return result
 
     @staticmethod
     def run_batch(model: LoadedModel, samples: NDArray[np.float32], spans: list[segmenter.Span],

@@ -111,7 +111,43 @@ class Settings(BaseSettings):
     """Log line format."""
 
     fault_injection: bool = False
-    """Test-only: honour VOXSWAP_FAULT_* hooks. Never enable in production."""
+    """Test-only: honour the registry's faults/ hooks (a worker that fails its load). Never in production."""
+
+    rollout_timeout_s: float = Field(120.0, gt=0)
+    """How long a coordinated update waits for every worker to stage, then to serve, the version."""
+
+    convergence_grace_s: float = Field(30.0, gt=0)
+    """Readiness turns 503 when a worker still serves another version this long after a commit."""
+
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    """How often each process publishes its heartbeat (version, state, memory) next to the registry."""
+
+    shutdown_delay_s: float = Field(5.0, ge=0)
+    """On SIGTERM, readiness turns 503 at once and the process keeps serving this long before it stops
+    accepting, so a load balancer notices first."""
+
+    worker_timeout_s: int = Field(120, ge=10)
+    """gunicorn's worker timeout; must cover loading the model at worker start."""
+
+    memory_budget_mb: int = Field(0, ge=0)
+    """After a swap, a worker whose resident memory exceeds this is recycled gracefully, one at a time
+    (0: off). onnxruntime and glibc do not always give freed memory back."""
+
+    watch_seconds: float = Field(0.0, ge=0)
+    """After a swap, compare the new version with the previous one this long and roll back by itself
+    if it is worse (0: off unless an update asks for it)."""
+
+    watch_min_requests: int = Field(10, ge=1)
+    """A watch judges only after the new version has answered at least this many requests."""
+
+    watch_max_error_rate_increase: float = Field(0.05, ge=0, le=1)
+    """Roll back when the new version's error rate exceeds the previous one's by more than this."""
+
+    watch_max_empty_rate_increase: float = Field(0.2, ge=0, le=1)
+    """Roll back when the share of empty transcripts grows by more than this."""
+
+    watch_max_latency_ratio: float = Field(2.0, ge=1)
+    """Roll back when the new version's p95 latency exceeds the previous one's by this factor."""
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None

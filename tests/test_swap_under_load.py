@@ -63,7 +63,7 @@ def test_swap_under_concurrent_load_fails_nothing_and_labels_every_answer(slow_r
 
 
 def test_a_request_in_flight_during_a_swap_is_answered_by_the_old_version(slow_registry: Registry) -> None:
-    long_clip = synth.wav_bytes(synth.speech_like(45.0, seed=5))  # ~2 s of model time
+    long_clip = synth.wav_bytes(synth.speech_like(28.0, seed=5))  # one window, ~1.2 s of model time
     short_clip = synth.wav_bytes(synth.speech_like(1.0, seed=6))
     result: dict[str, Outcome] = {}
     with serve_in_thread(create_app(_settings(slow_registry))) as url, httpx.Client(base_url=url, timeout=120) as c:

@@ -1,0 +1,16 @@
+"""gunicorn configuration shipped inside the package: ``gunicorn -c python:server.gunicorn_conf``.
+
+Everything comes from ``VOXSWAP_*`` environment variables (see server/settings.py); the app is the
+factory ``server.app:create_app()``, built in each worker after fork. ``voxswap serve --workers N``
+uses the same options without this file.
+"""
+
+from server.logs import configure_logging
+from server.serving import gunicorn_options, prepare_metrics_dir
+from server.settings import Settings
+
+_settings = Settings()
+configure_logging(_settings.log_level, _settings.log_format)
+prepare_metrics_dir()  # before any worker imports prometheus_client
+globals().update(gunicorn_options(_settings))
+wsgi_app = "server.app:create_app()"
