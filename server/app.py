@@ -249,6 +249,7 @@ class RequestContextMiddleware:
         status = {"code": 500, "version": "none"}
         started = time.perf_counter()
         metrics = self.ctx.metrics
+        body_limit: _BodyLimit | None = None
         if counted:
             metrics.in_flight.inc()
         try:
@@ -258,9 +259,15 @@ class RequestContextMiddleware:
                     await self._refuse_too_large(send, request_id, int(length), limit)
                     status["code"] = 413
                     return
-                receive = _limited(receive, limit)
+                receive = body_limit = _BodyLimit(receive, limit)
 
             async def send_wrapper(message: Message) -> None:
+                if body_limit is not None and body_limit.exceeded:
+                    # FastAPI answers an error raised while it reads the body with its own 400
+                    if message["type"] == "http.response.start":
+                        status["code"] = 413
+                        await self._refuse_too_large(send, request_id, None, limit)
+                    return
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
                     raw = list(message.get("headers", []))
@@ -281,9 +288,10 @@ class RequestContextMiddleware:
                 metrics.request_duration.labels(label).observe(time.perf_counter() - started)
             request_id_var.reset(token)
 
-    async def _refuse_too_large(self, send: Send, request_id: str, length: int, limit: int) -> None:
-        body = envelope(f"the upload is {length} bytes; this server accepts at most {limit} bytes",
-                        type_="invalid_request_error", code="payload_too_large", param="file",
+    async def _refuse_too_large(self, send: Send, request_id: str, length: int | None, limit: int) -> None:
+        message = (f"the upload is {length} bytes; this server accepts at most {limit} bytes" if length
+                   else f"the upload exceeds {limit} bytes, the most this server accepts")
+        body = envelope(message, type_="invalid_request_error", code="payload_too_large", param="file",
                         request_id=request_id)
         response = JSONResponse(body, status_code=413, headers={"x-request-id": request_id,
                                                                 "connection": "close"})
@@ -294,20 +302,23 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+class _BodyLimit:
     """Count body bytes as they arrive, for uploads sent without a Content-Length."""
-    seen = 0
 
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
+    def __init__(self, receive: Receive, limit: int):
+        self.receive = receive
+        self.limit = limit
+        self.seen = 0
+        self.exceeded = False
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise PayloadTooLarge(f"the upload is larger than {limit} bytes", param="file")
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                self.exceeded = True
+                raise PayloadTooLarge(f"the upload is larger than {self.limit} bytes", param="file")
         return message
-
-    return wrapped
 
 
 def _package_version() -> str:

@@ -16,6 +16,7 @@ from server.errors import AudioTooLong, AudioTooShort, EmptyAudio, UnsupportedAu
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1  # the front end needs one 25 ms frame; OpenAI's API refuses under 0.1 s too
+UNKNOWN_LENGTH = 2**62  # libsndfile reports SF_COUNT_MAX frames when a header does not say
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DecodedAudio:
 def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
     if not data:
         raise EmptyAudio("the uploaded file is empty (0 bytes)", param="file")
-    decoded = _decode_soundfile(data) or _decode_av(data)
+    decoded = _decode_soundfile(data, max_seconds) or _decode_av(data, max_seconds)
     samples = decoded.samples
     if samples.size == 0:
         raise EmptyAudio("the audio decodes to zero samples", param="file")
@@ -46,30 +47,46 @@ def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
             param="file",
         )
     if duration > max_seconds:
-        raise AudioTooLong(
-            f"the audio is {duration:.1f} s long; this server accepts at most {max_seconds:g} s",
-            param="file",
-        )
+        raise _too_long(duration, max_seconds)
     return DecodedAudio(np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False),
                         decoded.source_rate, decoded.source_channels, decoded.codec)
 
 
-def _decode_soundfile(data: bytes) -> DecodedAudio | None:
+def _too_long(seconds: float | None, max_seconds: float) -> AudioTooLong:
+    """``seconds`` is None when decoding stopped at the limit, before the real length was known."""
+    if seconds is None:
+        return AudioTooLong(f"the audio is longer than the {max_seconds:g} s this server accepts", param="file")
+    return AudioTooLong(f"the audio is {seconds:.1f} s long; this server accepts at most {max_seconds:g} s",
+                        param="file")
+
+
+def _decode_soundfile(data: bytes, max_seconds: float) -> DecodedAudio | None:
+    """Read block by block, mono as it goes, and stop past the limit: a few MB of FLAC can hold
+    hours of silence, and reading it whole would take gigabytes before the length check."""
     import soundfile as sf
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as fh:
             rate, channels, codec = fh.samplerate, fh.channels, f"{fh.format}/{fh.subtype}".lower()
-            frames = fh.read(dtype="float32", always_2d=True)
+            if UNKNOWN_LENGTH > fh.frames > max_seconds * rate + rate:
+                raise _too_long(fh.frames / rate, max_seconds)
+            limit, mono = int(max_seconds * rate) + 1, []
+            for block in fh.blocks(blocksize=rate * 10, dtype="float32", always_2d=True):
+                mono.append(block.mean(axis=1, dtype=np.float32))
+                limit -= len(block)
+                if limit < 0:
+                    raise _too_long(None, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         return None
-    return DecodedAudio(_resample(frames.mean(axis=1), rate), rate, channels, codec)
+    samples = np.concatenate(mono) if mono else np.zeros(0, np.float32)
+    return DecodedAudio(_resample(samples, rate), rate, channels, codec)
 
 
-def _decode_av(data: bytes) -> DecodedAudio:
+def _decode_av(data: bytes, max_seconds: float) -> DecodedAudio:
     import av
 
     chunks: list[NDArray[np.float32]] = []
+    limit = int(max_seconds * SAMPLE_RATE) + SAMPLE_RATE  # decoding stops a second past the limit
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.audio[0] if container.streams.audio else None
@@ -81,9 +98,12 @@ def _decode_av(data: bytes) -> DecodedAudio:
             for frame in container.decode(audio=0):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+                    limit -= out.samples
+                if limit < 0:
+                    raise _too_long(None, max_seconds)
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
-    except UnsupportedAudio:
+    except (UnsupportedAudio, AudioTooLong):
         raise
     except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
         raise UnsupportedAudio(
