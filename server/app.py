@@ -22,11 +22,13 @@ from typing import IO, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import demo
 from server.errors import PayloadTooLarge, VoxswapError, envelope
 from server.inference import InferencePool
-from server.loader import ModelLoader
+from server.jobs import JobRunner, JobStore
+from server.loader import ModelLoader, SwapReport
 from server.logs import request_id_var
 from server.metrics import Metrics
 from server.registry import Registry
@@ -61,6 +63,7 @@ class AppContext:
     recycling: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recycle_lock: IO[str] | None = None
+    jobs: JobRunner | None = None  # batch jobs (server/jobs.py)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,16 +75,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
     service = TranscriptionService(loader, pool, settings, metrics)
     ctx = AppContext(settings, registry, metrics, loader, pool, service)
-    loader.after_swap = lambda report: _check_memory_budget(ctx, report.version)
+    ctx.jobs = JobRunner(JobStore(settings.data_dir), service, pool, loader, settings)
+    loader.after_swap = lambda report: _check_memory_budget(ctx, report)
 
     app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan,
                   docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
     _install_error_handlers(app)
 
-    from server import admin, api, web
+    from server import admin, api, jobs_api, web
 
     app.include_router(api.router)
+    app.include_router(jobs_api.router)
     app.include_router(admin.router)
     app.include_router(web.router)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
@@ -101,6 +106,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                   extra={"event": "startup_load_failed", "reason": exc.message})
     ctx.tasks.append(asyncio.create_task(_watch_registry(ctx), name="voxswap-registry-watch"))
     ctx.tasks.append(asyncio.create_task(_heartbeat(ctx), name="voxswap-heartbeat"))
+    if ctx.jobs is not None:
+        ctx.jobs.start()
     live = ctx.loader.live
     log.info("voxswap ready", extra={"event": "ready", "version": live.version if live else None,
                                      "registry": str(ctx.registry.root)})
@@ -108,6 +115,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         ctx.shutting_down = True
+        if ctx.jobs is not None:
+            await ctx.jobs.stop()  # a job cut short goes back to pending
         for task in ctx.tasks:
             task.cancel()
         for task in ctx.tasks:
@@ -120,8 +129,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _watch_registry(ctx: AppContext) -> None:
     """Follow state.json (one stat per tick) and rollout.json, so a CLI promote, a peer's rollout or
     an operator's unload reaches this process."""
-    last = ctx.registry.state_signature()
-    pending = False
+    # the first tick always compares generations: a commit may land between this process loading
+    # its model and this loop starting, and no later change of state.json would announce it
+    last: tuple[int, int, int] | None = None
+    pending = True
     while True:
         await asyncio.sleep(ctx.settings.watch_interval_s)
         try:
@@ -152,10 +163,13 @@ async def _heartbeat(ctx: AppContext) -> None:
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
 
 
-def _check_memory_budget(ctx: AppContext, version: str) -> None:
+def _check_memory_budget(ctx: AppContext, report: SwapReport) -> None:
+    """Only a swap that freed an old model is judged: memory it did not give back is the leak that
+    recycling cures. A fresh worker's first load is its baseline, not a leak."""
     budget = ctx.settings.memory_budget_mb
-    if not budget or ctx.settings.workers < 2:
+    if not budget or ctx.settings.workers < 2 or not report.from_version or "rss_before_free_bytes" not in report.memory:
         return  # a lone process cannot be replaced without a gap; the metric and alert say it instead
+    version = report.version
     rss = ctx.metrics.refresh_process()
     if rss > budget * 2**20:
         ctx.recycle_reason = (f"resident memory {rss / 2**20:.0f} MiB after the swap to {version!r} "
@@ -223,6 +237,14 @@ def _install_error_handlers(app: FastAPI) -> None:
                                      code="internal_error", request_id=request_id_var.get()),
                             status_code=500)
 
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(envelope(str(exc.detail), type_="invalid_request_error", code=code,
+                                     request_id=request_id_var.get()),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(VoxswapError, voxswap_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)

@@ -439,7 +439,9 @@ class ModelLoader:
             engine = Engine(path, model_file=manifest.model_file(self.settings.prefer_quantized),
                             threads=self.settings.intra_op_threads, device=self.settings.device)
         except EngineLoadError as exc:
-            raise SwapFailed(f"version {version!r} failed to load: {exc}", outcome="load_failed") from exc
+            # onnxruntime names the file it failed on; clients get the version, not our disk layout
+            reason = str(exc).replace(str(path), f"<{version}>")
+            raise SwapFailed(f"version {version!r} failed to load: {reason}", outcome="load_failed") from exc
         load_s = self._phase("load", t)
         self.metrics.model_load.observe(load_s)
         report.timings["load_s"] = load_s

@@ -94,6 +94,8 @@ def test_garbage_onnx_with_valid_checksums_fails_to_load_and_never_serves(
     (src / "model.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
     registry.add(src, "garbage")  # checksums are computed over the garbage, so verify passes
     _refused(client, registry, "garbage", "load_failed", speech_wav)
+    message = client.post("/admin/model/update", json={"version": "garbage"}, headers=AUTH).json()["error"]["message"]
+    assert str(registry.root) not in message  # no server paths leak to clients
 
 
 def test_files_corrupted_after_add_fail_verification(

@@ -126,3 +126,9 @@ def test_openai_route_json_text_and_pinning(client: TestClient, speech_wav: byte
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", speech_wav)}, data={"model": "b"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "version_not_loaded"
+
+
+def test_unknown_routes_use_the_error_envelope(client: TestClient) -> None:
+    r = client.get("/no/such/route", headers={"X-Request-Id": "rid-404"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found" and r.json()["error"]["request_id"] == "rid-404"
