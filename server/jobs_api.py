@@ -1,0 +1,191 @@
+"""Batch job routes: submit recordings (or zips of them), follow them, fetch results, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from pathlib import PurePosixPath
+from typing import IO, Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from server.api import Language
+from server.deps import CtxDep
+from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady, PayloadTooLarge
+from server.formats import cues, to_srt, to_vtt
+from server.jobs import Job, JobRunner, JobStore, NewJob
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+Status = Literal["pending", "running", "completed", "failed", "cancelled"]
+ResultFormat = Literal["txt", "text", "json", "srt", "vtt"]
+AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
+                  ".mka", ".aif", ".aiff", ".au", ".caf", ".amr")
+MAX_ZIP_MEMBERS = 1000
+ZIP_EXPANSION = 4  # a zip may unpack to this many times max_upload_bytes in all
+
+
+def _runner(ctx: Any) -> JobRunner:
+    runner: JobRunner | None = getattr(ctx, "jobs", None)
+    if runner is None:
+        raise NotReady("batch jobs are not available in this process")
+    return runner
+
+
+async def _store(ctx: Any) -> JobStore:
+    return await asyncio.to_thread(_runner(ctx).store.ensure)
+
+
+async def _job(store: JobStore, job_id: str) -> Job:
+    job = await asyncio.to_thread(store.get, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", param="id")
+    return job
+
+
+def _suffix(name: str) -> str:
+    suffix = PurePosixPath(name).suffix.lower()
+    return suffix if suffix in AUDIO_SUFFIXES else ".bin"
+
+
+def _is_zip(name: str, fh: IO[bytes]) -> bool:
+    head = fh.read(4)
+    fh.seek(0)
+    return head == b"PK\x03\x04" or name.lower().endswith(".zip")
+
+
+def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int) -> tuple[list[NewJob], list[str]]:
+    """One upload as staged jobs: itself, or each audio file in it if it is a zip. Blocking."""
+    if not _is_zip(name, fh):
+        single = store.stage(name, fh, _suffix(name), limit=limit)
+        if single.size_bytes == 0:
+            store.discard([single])
+            raise EmptyAudio(f"{name!r} is empty (0 bytes)", param="files")
+        return [single], []
+    try:
+        archive = zipfile.ZipFile(fh)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidRequest(f"{name!r} is not a readable zip file", param="files") from exc
+    staged: list[NewJob] = []
+    skipped: list[str] = []
+    budget = limit * ZIP_EXPANSION
+    try:
+        with archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise PayloadTooLarge(f"{name!r} holds {len(members)} files; at most {MAX_ZIP_MEMBERS}",
+                                      param="files")
+            for member in members:
+                base = PurePosixPath(member.filename).name
+                if (member.filename.startswith("__MACOSX/") or base.startswith(".")
+                        or _suffix(base) == ".bin" or member.file_size == 0):
+                    skipped.append(member.filename)
+                    continue
+                budget -= member.file_size
+                if budget < 0:
+                    raise PayloadTooLarge(f"{name!r} unpacks to more than {limit * ZIP_EXPANSION} bytes",
+                                          param="files")
+                with archive.open(member) as source:  # sizes are enforced again while copying
+                    staged.append(store.stage(member.filename, source, _suffix(base), limit=limit))
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
+        store.discard(staged)
+        raise InvalidRequest(f"{name!r} could not be unpacked: {exc}", param="files") from exc
+    except BaseException:
+        store.discard(staged)
+        raise
+    return staged, skipped
+
+
+def _webhook(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
+        raise InvalidRequest("webhook_url must be an http:// or https:// URL", param="webhook_url")
+    return url
+
+
+@router.post("", status_code=202)
+async def submit(
+    ctx: CtxDep,
+    files: Annotated[list[UploadFile], File(description="Audio files, or zips of audio files")],
+    language: Annotated[Language, Form()] = "auto",
+    use_itn: Annotated[bool, Form()] = False,
+    webhook_url: Annotated[str | None, Form()] = None,
+) -> dict[str, Any]:
+    """Queue one job per recording; the answer comes at once, the transcripts later."""
+    hook = _webhook(webhook_url)
+    store = await _store(ctx)
+    limit = ctx.settings.max_upload_bytes
+    staged: list[NewJob] = []
+    skipped: list[str] = []
+    try:
+        for upload in files:
+            name = upload.filename or "upload"
+            new, left = await asyncio.to_thread(_stage, store, name, upload.file, limit)
+            staged += new
+            skipped += left
+        if not staged:
+            raise InvalidRequest("the upload holds no audio files" + (f" (skipped: {', '.join(skipped[:10])})"
+                                                                     if skipped else ""), param="files")
+        jobs = await asyncio.to_thread(store.add, staged, language=language, use_itn=use_itn, webhook_url=hook,
+                                       max_pending=ctx.settings.max_pending_jobs)
+    except BaseException:
+        await asyncio.to_thread(store.discard, staged)
+        raise
+    _runner(ctx).wake()
+    return {"jobs": [job.to_json() for job in jobs], "skipped": skipped}
+
+
+@router.get("")
+async def list_jobs(
+    ctx: CtxDep,
+    status: Annotated[Status | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Newest first."""
+    store = await _store(ctx)
+    jobs, total = await asyncio.to_thread(store.page, status=status, limit=limit, offset=offset)
+    return {"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/{job_id}")
+async def get_job(ctx: CtxDep, job_id: str) -> dict[str, Any]:
+    return (await _job(await _store(ctx), job_id)).to_json()
+
+
+@router.get("/{job_id}/result")
+async def get_result(ctx: CtxDep, job_id: str,
+                     fmt: Annotated[ResultFormat, Query(alias="format")] = "json") -> Response:
+    """The transcript as txt (or ``text``), json (with segments and tags), srt or vtt."""
+    store = await _store(ctx)
+    job = await _job(store, job_id)
+    if job.status != "completed":
+        detail = f": {job.error}" if job.error else ""
+        raise JobNotFinished(f"job {job_id} is {job.status}{detail}; results exist once it is completed")
+    result = await asyncio.to_thread(store.read_result, job)
+    ext = "txt" if fmt == "text" else fmt
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in PurePosixPath(job.filename).stem)[:100]
+    headers = {"Content-Disposition": f'inline; filename="{stem or job.id}.{ext}"'}
+    if job.model_version:
+        headers["X-Model-Version"] = job.model_version
+    if ext == "json":
+        return JSONResponse({**result, "job_id": job.id, "filename": job.filename}, headers=headers)
+    if ext == "srt":
+        return PlainTextResponse(to_srt(cues(result["segments"])), headers=headers)
+    if ext == "vtt":
+        return PlainTextResponse(to_vtt(cues(result["segments"])), headers=headers, media_type="text/vtt")
+    return PlainTextResponse(result["text"] + "\n", headers=headers)
+
+
+@router.delete("/{job_id}")
+async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
+    """Cancel a pending or running job (it keeps its row, as cancelled); delete a finished one."""
+    store = await _store(ctx)
+    await _job(store, job_id)  # 404 for ids that are not even well formed
+    action, job = await asyncio.to_thread(store.cancel_or_delete, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", param="id")
+    return {"id": job_id, "action": action, "status": job.status if action == "cancelled" else "deleted"}
