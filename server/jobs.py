@@ -462,7 +462,7 @@ class JobRunner:
         self.pool = pool
         self.loader = loader
         self.settings = settings
-        self.owner = f"{re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname())[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = ""  # named when the lock is taken, in the process that runs jobs (after any fork)
         self.jobs_run = 0  # jobs this runner finished (completed or failed)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -537,6 +537,8 @@ class JobRunner:
             now = time.monotonic()
             if self._lock_fh is None:
                 await asyncio.to_thread(self.store.ensure)
+                host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40]
+                self.owner = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 self._lock_fh = await asyncio.to_thread(self.store.hold_owner_lock, self.owner)
             if now - self._last_recover >= RECOVER_EVERY_S:
                 self._last_recover = now
