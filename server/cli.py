@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-seed-demo", action="store_true", help="do not seed an empty registry")
     serve.set_defaults(func=_serve)
 
+    tr = sub.add_parser("transcribe", help="transcribe files or folders through a running server")
+    tr.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
+    tr.add_argument("--server", default="http://127.0.0.1:7860", help="server URL (default %(default)s)")
+    tr.add_argument("--format", choices=["txt", "srt", "vtt", "json"], default="txt", dest="fmt")
+    tr.add_argument("--out", type=Path, help="write <stem>.<format> here (needed for several files)")
+    tr.add_argument("--language", default="auto", help="auto, zh, en, yue, ja, ko")
+    tr.add_argument("--use-itn", action="store_true", help="punctuation and inverse text normalisation")
+    tr.set_defaults(func=_transcribe)
+
     gen = sub.add_parser("make-test-model", help="write a tiny SenseVoice-format model folder")
     gen.add_argument("out_dir", type=Path)
     gen.add_argument("--text", required=True, help="what the model transcribes any speech to")
@@ -128,6 +137,19 @@ def _serve(args: argparse.Namespace) -> int:
     from server.serving import run_gunicorn, serve_single
 
     return run_gunicorn(settings) if settings.workers > 1 else serve_single(settings)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    """One file is answered at once; several (or a folder) run as batch jobs on the server."""
+    from server.client import ClientError, Options, run
+
+    options = Options(server=args.server, fmt=args.fmt, out=args.out, language=args.language,
+                      use_itn=args.use_itn)
+    try:
+        return run(args.paths, options)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 # -- test models --------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""``voxswap transcribe`` run as a user runs it: a subprocess talking to a real server on a socket."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.testing import synth
+from server.testing.harness import serve_in_thread
+from tests.conftest import TEXT_A
+from tests.jobs_helpers import VOXSWAP, free_port
+
+
+@pytest.fixture
+def server_url(make_settings: Callable[..., Any], tmp_path: Path) -> Iterator[str]:
+    settings = make_settings(data_dir=tmp_path / "data", job_poll_s=0.05, segment_window_s=5.0)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def voxswap(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VOXSWAP), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def recordings(tmp_path: Path) -> Path:
+    """A folder as a team has it: recordings in sub-folders, notes beside them, two with one name."""
+    root = tmp_path / "recordings"
+    (root / "monday").mkdir(parents=True)
+    (root / "tuesday").mkdir()
+    (root / "monday" / "standup.wav").write_bytes(synth.wav_bytes(synth.speech_like(1.5, seed=1)))
+    (root / "tuesday" / "standup.wav").write_bytes(synth.wav_bytes(synth.speech_like(1.5, seed=2)))
+    (root / "tuesday" / "review.wav").write_bytes(
+        synth.wav_bytes(synth.islands([("speech", 4), ("silence", 1), ("speech", 4)])))
+    (root / "monday" / "notes.txt").write_text("agenda")
+    return root
+
+
+def test_one_file_prints_its_text(server_url: str, recordings: Path) -> None:
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", "--server", server_url)
+    assert (done.returncode, done.stdout) == (0, TEXT_A + "\n"), done.stderr
+
+
+def test_one_file_in_each_format(server_url: str, recordings: Path) -> None:
+    review = recordings / "tuesday" / "review.wav"
+    srt = voxswap("transcribe", review, "--server", server_url, "--format", "srt").stdout
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:04,") and srt.count(TEXT_A) == 2
+    vtt = voxswap("transcribe", review, "--server", server_url, "--format", "vtt").stdout
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    data = json.loads(voxswap("transcribe", review, "--server", server_url, "--format", "json",
+                              "--language", "ko", "--use-itn").stdout)
+    assert data["text"] == "Model a says hello. Model a says hello." and data["language"] == "ko"
+    assert len(data["segments"]) == 2 and data["model_version"] == "a"
+
+
+def test_one_file_with_out_is_written_there(server_url: str, recordings: Path, tmp_path: Path) -> None:
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", "--server", server_url,
+                   "--out", tmp_path / "out", "--format", "vtt")
+    assert done.returncode == 0 and done.stdout == ""
+    assert (tmp_path / "out" / "standup.vtt").read_text().endswith(TEXT_A + "\n")
+
+
+def test_a_folder_becomes_batch_jobs_with_one_result_file_each(server_url: str, recordings: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "transcripts"
+    done = voxswap("transcribe", recordings, "--server", server_url, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["review.txt", "standup-2.txt", "standup.txt"]
+    assert (out / "standup.txt").read_text() == TEXT_A + "\n"
+    assert (out / "review.txt").read_text() == f"{TEXT_A} {TEXT_A}\n"
+    assert "3/3 done" in done.stderr and "3 of 3 transcribed" in done.stderr
+    assert done.stdout == ""
+    jobs = httpx.get(f"{server_url}/api/jobs").json()
+    assert jobs["total"] == 3 and {j["status"] for j in jobs["jobs"]} == {"completed"}
+    assert sorted(j["filename"] for j in jobs["jobs"]) == ["review.wav", "standup.wav", "standup.wav"]
+
+
+def test_many_files_as_srt(server_url: str, recordings: Path, tmp_path: Path) -> None:
+    out = tmp_path / "subtitles"
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", recordings / "tuesday" / "review.wav",
+                   "--server", server_url, "--out", out, "--format", "srt")
+    assert done.returncode == 0, done.stderr
+    assert (out / "standup.srt").read_text() == f"1\n00:00:00,000 --> 00:00:01,500\n{TEXT_A}\n"
+    assert (out / "review.srt").read_text().count(" --> ") == 2
+
+
+def test_a_file_that_fails_is_reported_and_the_others_are_written(server_url: str, recordings: Path,
+                                                                  tmp_path: Path) -> None:
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"not audio at all " * 20)
+    out = tmp_path / "out"
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", bad, "--server", server_url,
+                   "--out", out)
+    assert done.returncode == 1
+    assert "failed: " in done.stderr and "broken.wav" in done.stderr and "not audio" in done.stderr
+    assert (out / "standup.txt").read_text() == TEXT_A + "\n" and not (out / "broken.txt").exists()
+
+
+def test_mistakes_get_a_message_not_a_traceback(recordings: Path, tmp_path: Path, server_url: str) -> None:
+    done = voxswap("transcribe", tmp_path / "missing.wav", "--server", server_url)
+    assert done.returncode == 1 and "missing.wav: no such file" in done.stderr
+    done = voxswap("transcribe", recordings, "--server", server_url)
+    assert done.returncode == 2 and "--out" in done.stderr
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", "--server",
+                   f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 1 and "cannot reach the server" in done.stderr
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    done = voxswap("transcribe", empty, "--server", server_url)
+    assert done.returncode == 1 and "empty_audio" in done.stderr
+    assert "Traceback" not in done.stderr
