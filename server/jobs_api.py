@@ -37,8 +37,14 @@ async def _store(ctx: Any) -> JobStore:
     return await asyncio.to_thread(_runner(ctx).store.ensure)
 
 
-async def _job(store: JobStore, job_id: str) -> Job:
-    job = await asyncio.to_thread(store.get, job_id)
+async def _existing_store(ctx: Any) -> JobStore | None:
+    """Reads never create the data dir: a server nobody sent a job has nothing on disk."""
+    store = _runner(ctx).store
+    return await asyncio.to_thread(store.ensure) if store.exists() else None
+
+
+async def _job(store: JobStore | None, job_id: str) -> Job:
+    job = await asyncio.to_thread(store.get, job_id) if store is not None else None
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")
     return job
@@ -146,22 +152,24 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
     """Newest first."""
-    store = await _store(ctx)
-    jobs, total = await asyncio.to_thread(store.page, status=status, limit=limit, offset=offset)
+    store = await _existing_store(ctx)
+    jobs, total = (await asyncio.to_thread(store.page, status=status, limit=limit, offset=offset)
+                   if store is not None else ([], 0))
     return {"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit, "offset": offset}
 
 
 @router.get("/{job_id}")
 async def get_job(ctx: CtxDep, job_id: str) -> dict[str, Any]:
-    return (await _job(await _store(ctx), job_id)).to_json()
+    return (await _job(await _existing_store(ctx), job_id)).to_json()
 
 
 @router.get("/{job_id}/result")
 async def get_result(ctx: CtxDep, job_id: str,
                      fmt: Annotated[ResultFormat, Query(alias="format")] = "json") -> Response:
     """The transcript as txt (or ``text``), json (with segments and tags), srt or vtt."""
-    store = await _store(ctx)
+    store = await _existing_store(ctx)
     job = await _job(store, job_id)
+    assert store is not None
     if job.status != "completed":
         detail = f": {job.error}" if job.error else ""
         raise JobNotFinished(f"job {job_id} is {job.status}{detail}; results exist once it is completed")
@@ -183,8 +191,9 @@ async def get_result(ctx: CtxDep, job_id: str,
 @router.delete("/{job_id}")
 async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
     """Cancel a pending or running job (it keeps its row, as cancelled); delete a finished one."""
-    store = await _store(ctx)
+    store = await _existing_store(ctx)
     await _job(store, job_id)  # 404 for ids that are not even well formed
+    assert store is not None
     action, job = await asyncio.to_thread(store.cancel_or_delete, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")

@@ -79,6 +79,14 @@ def test_files_and_a_zip_become_jobs_that_complete_with_text_and_version(jobs_cl
     assert [j["duration_s"] for j in jobs] == [1.5, 1.5, 1.5, 2.0]
 
 
+def test_nothing_is_written_to_the_data_dir_until_a_job_is_submitted(jobs_client: TestClient,
+                                                                     data_dir: Path) -> None:
+    assert jobs_client.get("/api/jobs").json() == {"jobs": [], "total": 0, "limit": 50, "offset": 0}
+    assert jobs_client.get("/api/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+    assert jobs_client.delete("/api/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+    assert not data_dir.exists()
+
+
 def test_results_in_every_format(jobs_app: Callable[..., TestClient]) -> None:
     long_clip = synth.wav_bytes(synth.islands([("speech", 4), ("silence", 1), ("speech", 4)]))
     with jobs_app(segment_window_s=5.0) as c:
