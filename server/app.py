@@ -307,7 +307,7 @@ class RequestContextMiddleware:
                 route = scope.get("route")
                 label = getattr(route, "path", None) or "unmatched"
                 metrics.requests.labels(label, str(status["code"]), status["version"]).inc()
-                metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+                metrics.request_duration.labels(label, status["version"]).observe(time.perf_counter() - started)
             request_id_var.reset(token)
 
     async def _refuse_too_large(self, send: Send, request_id: str, length: int | None, limit: int) -> None:

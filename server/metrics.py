@@ -24,7 +24,8 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict")
+SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict", "timeout")
+REJECTION_REASONS = ("overloaded", "timeout")
 SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
 
 
@@ -42,7 +43,7 @@ class Metrics:
             ["route", "status", "version"], registry=r)
         self.request_duration = Histogram(
             "voxswap_request_duration_seconds", "HTTP request latency, whole request.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+            ["route", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_duration = Histogram(
             "voxswap_inference_duration_seconds", "Time the model spent on one request.",
             ["version"], buckets=LATENCY_BUCKETS, registry=r)
@@ -90,6 +91,14 @@ class Metrics:
             "voxswap_process_start_time_seconds", "Start time of this process (unix seconds).",
             registry=r, multiprocess_mode="liveall")
         self.start_time.set(time.time())
+        # a labelled series exists only from its first increment, and increase() cannot see that
+        # first event: create the known ones at zero so a server's first refused swap is visible
+        for outcome in SWAP_OUTCOMES:
+            self.swaps.labels(outcome)
+        for phase in SWAP_PHASES:
+            self.swap_phase.labels(phase)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
         self._process = psutil.Process()
 
     def set_active_version(self, version: str | None, previous: str | None = None) -> None:

@@ -167,10 +167,6 @@ def test_grafana_provisioning_points_at_the_dashboard_and_a_prometheus() -> None
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/metrics.py creates a labelled series at its first increment, so increase() and rate() "
-    "never see a server's first refused swap, first drain/free phase or first rejection; pre-create "
-    "the known label values in Metrics.__init__"))
 def test_a_fresh_server_exports_every_swap_outcome_phase_and_rejection_reason(client: TestClient) -> None:
     text = client.get("/metrics").text
     for outcome in SWAP_OUTCOMES:
@@ -337,7 +333,8 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
     assert not not_finite, f"panels with no finite value: {not_finite}"
     # every worker loaded a at start and swapped to b; a staged version is built by each worker,
     # so one or more of them refused broken
-    swaps = {s["metric"]["outcome"]: float(s["value"][1]) for s in by_panel["Swaps in the time range"]}
+    swaps = {s["metric"]["outcome"]: float(s["value"][1]) for s in by_panel["Swaps in the time range"]
+             if float(s["value"][1]) > 0}
     assert swaps.keys() == {"success", "load_failed"}, swaps
     assert swaps["success"] == 2 * voxswap.workers and 1 <= swaps["load_failed"] <= voxswap.workers, swaps
     assert {r["name"] for r in rules} == {rule["alert"] for rule in alert_rules()}

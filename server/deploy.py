@@ -1,0 +1,252 @@
+"""Rolling upgrade of several voxswap instances, one at a time, with automatic rollback.
+
+``./deploy.sh`` runs this module. For each instance in turn: upload the version if its registry
+lacks it, update (with ``expected_current`` and a post-swap watch), wait until every worker serves
+it and the instance is ready, send a smoke transcription through it, and wait for the watch's
+verdict. On any failure every instance already upgraded goes back to the version it had when the
+deploy started (``expected_current`` = the new version, so an instance whose watch already rolled
+back is left alone), and the exit code is non-zero. Rerunning with the same version skips the
+instances already on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.testing import synth
+
+
+class DeployError(Exception):
+    pass
+
+
+@dataclass
+class Instance:
+    url: str
+    token: str
+    before: str | None = None
+    has_version: bool = False
+    upgraded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=600)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    token = args.token or _env_token()
+    instances = [Instance(url.rstrip("/"), token) for url in args.instances.split(",") if url.strip()]
+    if not instances:
+        print("deploy: no instances given", file=sys.stderr)
+        return 2
+    say = _printer()
+    try:
+        for inst in instances:
+            _inspect(inst, args.version)
+    except (httpx.HTTPError, DeployError) as exc:
+        say(f"cannot read the instances: {exc}")
+        return 2
+    say(f"plan: {args.version} to {len(instances)} instance(s), one at a time, watch {args.watch_seconds:g} s")
+    for i, inst in enumerate(instances, 1):
+        action = "already on it, skip" if inst.before == args.version else \
+            ("update" if inst.has_version else "upload, then update")
+        say(f"  {i}. {inst.url}: live {inst.before!r} -> {args.version!r}: {action}")
+    if args.dry_run:
+        return 0
+    missing = [inst for inst in instances if not inst.has_version]
+    if missing and not args.model_dir:
+        say(f"{len(missing)} instance(s) lack {args.version!r}; give --model-dir to upload it")
+        return 2
+    clip = _smoke_clip(Path(args.model_dir) if args.model_dir else None)
+    started = time.monotonic()
+    try:
+        for inst in missing:
+            _upload(inst, args.version, Path(args.model_dir), say)
+        for i, inst in enumerate(instances, 1):
+            if inst.before == args.version:
+                say(f"[{i}/{len(instances)}] {inst.url}: already serves {args.version}")
+                continue
+            _upgrade(inst, args.version, args.watch_seconds, args.timeout, clip, say, f"[{i}/{len(instances)}]")
+    except (DeployError, httpx.HTTPError) as exc:
+        say(f"FAILED: {exc}")
+        _roll_back(instances, args.version, say)
+        _report(instances, args.version, say, ok=False)
+        return 1
+    say(f"done in {time.monotonic() - started:.1f} s")
+    _report(instances, args.version, say, ok=True)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy.sh", description="rolling upgrade of voxswap instances")
+    p.add_argument("--instances", required=True, help="comma-separated base URLs, upgraded in this order")
+    p.add_argument("--version", required=True, help="registry version to deploy")
+    p.add_argument("--model-dir", help="version folder to upload where the registry lacks the version")
+    p.add_argument("--token", help="admin token (default: env VOXSWAP_ADMIN_TOKEN)")
+    p.add_argument("--watch-seconds", type=float, default=30.0, help="post-swap watch per instance")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-instance limit for workers to converge")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    return p
+
+
+def _env_token() -> str:
+    import os
+
+    return os.environ.get("VOXSWAP_ADMIN_TOKEN", "")
+
+
+def _printer() -> Any:
+    def say(message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+    return say
+
+
+def _inspect(inst: Instance, version: str) -> None:
+    with inst.client() as c:
+        r = c.get("/admin/model/versions")
+        _ok(r, inst, "list versions")
+        data = r.json()
+        inst.before = data["live"]
+        inst.has_version = any(v["name"] == version for v in data["versions"])
+
+
+def _upload(inst: Instance, version: str, model_dir: Path, say: Any) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(model_dir, arcname=version)
+    say(f"{inst.url}: uploading {version} ({buf.tell() / 2**20:.1f} MiB)")
+    with inst.client() as c:
+        r = c.post("/admin/model/versions", data={"version": version},
+                   files={"file": (f"{version}.tar.gz", buf.getvalue(), "application/gzip")})
+    if r.status_code == 409:
+        return  # uploaded meanwhile (a rerun, or a shared registry): the checksums guard the content
+    _ok(r, inst, "upload")
+    inst.has_version = True
+
+
+def _upgrade(inst: Instance, version: str, watch_s: float, timeout_s: float, clip: tuple[bytes, str | None],
+             say: Any, tag: str) -> None:
+    with inst.client() as c:
+        say(f"{tag} {inst.url}: update {inst.before} -> {version}")
+        r = c.post("/admin/model/update", json={"version": version, "expected_current": inst.before,
+                                                 "watch_seconds": watch_s})
+        _ok(r, inst, "update")
+        inst.upgraded = True
+        report = r.json()
+        timings = report.get("timings", {})
+        say(f"{tag} {inst.url}: swapped in {timings.get('total_s', 0):.2f} s "
+            f"(load {timings.get('load_s', 0):.2f} s, smoke {timings.get('smoke_s', 0):.2f} s)")
+        _wait_converged(c, inst, version, timeout_s)
+        say(f"{tag} {inst.url}: every worker serves {version}, ready")
+        audio, expected = clip
+        r = c.post("/api/transcribe", files={"file": ("smoke.wav", audio, "audio/wav")})
+        _ok(r, inst, "smoke transcription")
+        served = r.headers.get("x-model-version")
+        if served != version:
+            raise DeployError(f"{inst.url}: smoke transcription answered by {served!r}, not {version!r}")
+        if expected is not None and r.json().get("text", "").strip().lower() != expected.strip().lower():
+            raise DeployError(f"{inst.url}: smoke transcription gave {r.json().get('text')!r}, expected {expected!r}")
+        say(f"{tag} {inst.url}: smoke transcription ok")
+        if watch_s > 0:
+            verdict = _wait_watch(c, version, watch_s + 60)
+            if verdict["state"] not in ("passed", "inconclusive"):
+                raise DeployError(f"{inst.url}: watch {verdict['state']}: {verdict.get('reason')}")
+            say(f"{tag} {inst.url}: watch {verdict['state']} {_watch_numbers(verdict)}")
+
+
+def _wait_converged(c: httpx.Client, inst: Instance, version: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            status = c.get("/api/system/status").json()
+            ready = c.get("/health/ready").status_code == 200
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        else:
+            versions = {w["version"] for w in status.get("workers", [])} or {status.get("model_version")}
+            if ready and versions == {version}:
+                return
+            last = f"ready={ready}, workers on {sorted(str(v) for v in versions)}"
+        time.sleep(0.2)
+    raise DeployError(f"{inst.url}: workers did not all serve {version} within {timeout_s:g} s ({last})")
+
+
+def _wait_watch(c: httpx.Client, version: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        watch = c.get("/admin/model/watch").json().get("watch")
+        if watch and watch["version"] == version and watch["state"] != "watching":
+            return dict(watch)
+        time.sleep(0.25)
+    raise DeployError(f"no watch verdict for {version} within {timeout_s:g} s")
+
+
+def _watch_numbers(verdict: dict[str, Any]) -> str:
+    new = verdict.get("new") or {}
+    return f"({new.get('requests', 0)} requests, {new.get('error_rate', 0):.1%} errors, " \
+           f"{new.get('empty_rate', 0):.1%} empty, p95 {new.get('p95_ms')} ms)"
+
+
+def _roll_back(instances: list[Instance], version: str, say: Any) -> None:
+    for inst in instances:
+        if not inst.upgraded or inst.before is None:
+            continue
+        with inst.client() as c:
+            r = c.post("/admin/model/update", json={"version": inst.before, "expected_current": version})
+        if r.status_code == 200:
+            inst.notes.append(f"rolled back to {inst.before}")
+            say(f"rollback {inst.url}: back on {inst.before}")
+        elif r.status_code == 409:
+            inst.notes.append(f"not on {version} any more (its watch rolled it back); left alone")
+            say(f"rollback {inst.url}: no longer on {version}; left alone")
+        else:
+            inst.notes.append(f"ROLLBACK FAILED: {r.status_code} {r.text[:200]}")
+            say(f"rollback {inst.url}: FAILED {r.status_code} {r.text[:200]}")
+
+
+def _report(instances: list[Instance], version: str, say: Any, *, ok: bool) -> None:
+    say("report:" if ok else "report (deploy failed, instances restored):")
+    for inst in instances:
+        try:
+            with inst.client() as c:
+                live = c.get("/api/system/status").json().get("model_version")
+        except httpx.HTTPError as exc:
+            live = f"unreachable ({exc})"
+        say(f"  {inst.url}: was {inst.before}, now {live}" + (f"; {'; '.join(inst.notes)}" if inst.notes else ""))
+
+
+def _smoke_clip(model_dir: Path | None) -> tuple[bytes, str | None]:
+    """The version's own golden clip when we have its folder; otherwise speech-like audio."""
+    if model_dir is not None:
+        for text_file in sorted((model_dir / "smoke").glob("*.txt")):
+            audio = text_file.with_suffix(".wav")
+            if audio.is_file():
+                return audio.read_bytes(), text_file.read_text().strip()
+    return synth.wav_bytes(synth.speech_like(1.5, seed=7)), None
+
+
+def _ok(r: httpx.Response, inst: Instance, what: str) -> None:
+    if r.status_code >= 300:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:300]
+        raise DeployError(f"{inst.url}: {what} answered {r.status_code}: {message}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

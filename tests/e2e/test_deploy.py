@@ -1,0 +1,109 @@
+"""deploy.sh rolling upgrades of three gunicorn instances behind a real nginx, under steady load.
+
+Run alone with ``pytest -m deploy``.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from server.registry import Registry
+from server.testing import synth
+from server.testing.harness import LoadGenerator, wait_until
+from server.testing.nginx import nginx_binary, run_nginx
+from server.testing.processes import ServerProcess, start_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.deploy,
+              pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")]
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = {"a": "fleet model a", "b": "fleet model b"}
+
+
+@dataclass
+class Fleet:
+    instances: list[ServerProcess]
+    lb: str
+    models: dict[str, Path]
+
+    def deploy(self, version: str, *extra: str, watch: float = 3.0) -> subprocess.CompletedProcess[str]:
+        args = [str(ROOT / "deploy.sh"), "--instances", ",".join(i.url for i in self.instances), "--version", version,
+                "--model-dir", str(self.models[version]), "--token", self.instances[0].token,
+                "--watch-seconds", str(watch), "--timeout", "120", *extra]
+        return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+    def worker_versions(self) -> list[str | None]:
+        return [v for i in self.instances if i.proc.poll() is None for v in i.worker_versions().values()]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[..., Path]) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    models = {"a": model_dir(TEXT["a"], compute_ms=10), "b": model_dir(TEXT["b"], compute_ms=10),
+              "mute": model_dir("", compute_ms=10)}  # passes its smoke test, then answers speech with nothing
+    instances = []
+    try:
+        for n in range(3):
+            registry = Registry(root / f"registry{n}").ensure()
+            registry.add(models["a"], "a")
+            registry.promote("a")
+            instances.append(start_server(registry.root, root / f"instance{n}", workers=2,
+                                          env={"VOXSWAP_SHUTDOWN_DELAY_S": "2"}))
+        with run_nginx(ROOT / "deploy" / "nginx.conf", [i.port for i in instances], root / "nginx") as lb:
+            yield Fleet(instances, lb, models)
+    finally:
+        for instance in instances:
+            instance.stop()
+
+
+@pytest.fixture
+def load(fleet: Fleet) -> Iterator[LoadGenerator]:
+    with LoadGenerator(fleet.lb, synth.wav_bytes(synth.speech_like(1.0)), concurrency=3) as generator:
+        wait_until(lambda: generator.count() >= 10, message="traffic through nginx")
+        yield generator
+
+
+def test_1_deploy_uploads_and_rolls_a_good_version_to_every_worker_with_no_failed_request(
+    fleet: Fleet, load: LoadGenerator
+) -> None:
+    result = fleet.deploy("b")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "uploading b" in result.stdout and "watch passed" in result.stdout
+    assert fleet.worker_versions() == ["b"] * 6
+    before = load.count()
+    wait_until(lambda: load.count() >= before + 10, message="traffic after the deploy")
+    assert load.failures() == []
+    assert load.outcomes[-1].version == "b" and load.outcomes[-1].text == TEXT["b"]
+
+
+def test_2_rerunning_the_same_deploy_changes_nothing(fleet: Fleet) -> None:
+    dry = fleet.deploy("b", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("already on it, skip") == 3
+    result = fleet.deploy("b")
+    assert result.returncode == 0 and result.stdout.count("already serves b") == 3
+    assert fleet.worker_versions() == ["b"] * 6
+
+
+def test_3_a_version_the_watch_finds_bad_is_rolled_back_everywhere(fleet: Fleet, load: LoadGenerator) -> None:
+    result = fleet.deploy("mute", watch=10)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "watch rolled_back" in result.stdout and "empty transcripts" in result.stdout
+    assert fleet.worker_versions() == ["b"] * 6  # the first instance rolled itself back; none other moved
+    assert "[2/3]" not in result.stdout
+    assert load.failures() == []
+
+
+def test_4_sigterm_of_one_instance_under_load_fails_no_request_through_nginx(
+    fleet: Fleet, load: LoadGenerator
+) -> None:
+    victim = fleet.instances[2]
+    victim.proc.send_signal(signal.SIGTERM)
+    assert victim.proc.wait(90) == 0
+    before = load.count()
+    wait_until(lambda: load.count() >= before + 20, message="traffic after the instance left")
+    assert load.failures() == []
