@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -315,3 +316,55 @@ def test_a_webhook_that_never_succeeds_is_given_up_and_recorded(jobs_app: Callab
                    timeout_s=30, message="the webhook to be given up")
         assert hook.count() == 3
         assert c.get(f"/api/jobs/{job['id']}").json()["webhook"]["error"] == "HTTP 503"
+
+
+def test_a_full_queue_and_oversized_zips_are_refused(jobs_app: Callable[..., TestClient], clip: bytes) -> None:
+    with jobs_app(job_workers=0, max_pending_jobs=2, max_upload_bytes=256 * 1024) as c:
+        r = c.post("/api/jobs", files=[("files", (f"{n}.wav", clip)) for n in range(3)])
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
+        submit(c, [("0.wav", clip), ("1.wav", clip)])
+        r = c.post("/api/jobs", files=[("files", ("2.wav", clip))])
+        assert r.status_code == 503
+        # a 4 MB member squeezed into a few kB: refused while unpacking, not written out
+        bomb = zip_of({"silence.wav": synth.wav_bytes(synth.silence(130.0))})
+        assert len(bomb) < 256 * 1024
+        r = c.post("/api/jobs", files=[("files", ("bomb.zip", bomb))])
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        assert c.get("/api/jobs").json()["total"] == 2
+
+
+def test_a_graceful_stop_puts_a_running_job_back_without_counting_it(make_settings: Callable[..., Any],
+                                                                     slow_registry: Registry,
+                                                                     data_dir: Path) -> None:
+    settings = make_settings(registry=slow_registry.root, data_dir=data_dir, job_poll_s=0.05,
+                             segment_window_s=5.0, segment_batch_size=1)
+    with TestClient(create_app(settings)) as c:
+        [job] = submit(c, [("long.wav", synth.wav_bytes(synth.speech_like(60.0)))])
+        wait_until(lambda: c.get(f"/api/jobs/{job['id']}").json()["progress"] > 0, timeout_s=60,
+                   message="the job to start")
+    stored = JobStore(data_dir).ensure().get(job["id"])
+    assert stored is not None and (stored.status, stored.attempts, stored.owner) == ("pending", 0, None)
+    assert not list((data_dir / "owners").iterdir())  # the stopped process let go of its lock
+
+
+def test_a_job_whose_process_keeps_dying_is_failed_not_retried_forever(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "data").ensure()
+    store.add([NewJob("f" * 32, "poison.wav", "input.wav", 1)], language="auto", use_itn=False,
+              webhook_url=None, max_pending=10)
+    for attempt in range(1, 4):  # three processes each die while running it (no lock file left)
+        job = store.claim(f"crashed-{attempt}")
+        assert job is not None and job.attempts == attempt
+        requeued, _ = store.recover("survivor", max_attempts=3)
+        assert requeued == (1 if attempt < 3 else 0)
+    job = store.get("f" * 32)
+    assert job is not None and job.status == "failed" and "3 times" in (job.error or "")
+
+
+def test_finished_jobs_are_deleted_after_their_retention(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "data").ensure()
+    staged = store.stage("old.wav", io.BytesIO(b"RIFF"), ".wav", limit=1024)
+    store.add([staged], language="auto", use_itn=False, webhook_url=None, max_pending=10)
+    assert store.cancel_or_delete(staged.id)[0] == "cancelled"
+    assert store.sweep(retention_s=3600) == 0 and store.get(staged.id) is not None
+    assert store.sweep(retention_s=1e-9) == 1
+    assert store.get(staged.id) is None and not store.job_dir(staged.id).exists()
