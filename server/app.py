@@ -167,8 +167,10 @@ def _check_memory_budget(ctx: AppContext, report: SwapReport) -> None:
     """Only a swap that freed an old model is judged: memory it did not give back is the leak that
     recycling cures. A fresh worker's first load is its baseline, not a leak."""
     budget = ctx.settings.memory_budget_mb
-    if not budget or ctx.settings.workers < 2 or not report.from_version or "rss_before_free_bytes" not in report.memory:
+    if not budget or ctx.settings.workers < 2:
         return  # a lone process cannot be replaced without a gap; the metric and alert say it instead
+    if not report.from_version or "rss_before_free_bytes" not in report.memory:
+        return
     version = report.version
     rss = ctx.metrics.refresh_process()
     if rss > budget * 2**20:

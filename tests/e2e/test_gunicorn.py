@@ -35,7 +35,7 @@ def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     started: list[ServerProcess] = []
     yield started
     for server in started:
-        server.stop(signal.SIGKILL if server.proc.poll() is None and False else signal.SIGTERM)
+        server.stop()
 
 
 def _start(servers: list[ServerProcess], reg: Registry, tmp_path: Path, **kwargs: object) -> ServerProcess:
@@ -63,7 +63,8 @@ def test_an_update_under_load_reaches_every_worker_and_fails_nothing(
     assert all(o.text == TEXT[o.version or ""] for o in load.outcomes)
     assert set(server.worker_versions().values()) == {"b"}
     metrics = httpx.get(f"{server.url}/metrics").text
-    active = [line for line in metrics.splitlines() if line.startswith("voxswap_model_active{") and line.endswith(" 1.0")]
+    active = [line for line in metrics.splitlines()
+              if line.startswith("voxswap_model_active{") and line.endswith(" 1.0")]
     assert len(active) == 2 and all('version="b"' in line for line in active)
 
 
