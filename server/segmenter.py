@@ -55,8 +55,9 @@ def frame_db(samples: NDArray[np.float32], frame: int = int(FRAME_S * SAMPLE_RAT
 
 def quiet_threshold(db: NDArray[np.float32]) -> float:
     """Below this a frame is a pause: near the file's noise floor, and well under its speech."""
-    loud = float(np.percentile(db, 95))
     floor = float(np.percentile(db, 5))
+    active = db[db > floor + 10.0]  # speech level from the frames above the floor, however few
+    loud = float(np.percentile(active if active.size else db, 95))
     # between the noise floor (+10 dB) and 40 dB under speech, but never within 15 dB of speech,
     # so continuous speech (whose quietest frames sit close to its loudest) has no "pauses"
     return min(max(floor + 10.0, loud - 40.0), loud - 15.0)

@@ -108,3 +108,11 @@ def test_a_noisy_recording_is_still_cut_in_its_pauses() -> None:
     assert len(spans) == 3
     for (left, right), (gap_start, gap_end) in zip(pairwise(spans), _gaps(ISLANDS), strict=True):
         assert gap_start <= left.end_s <= gap_end and gap_start <= right.start_s <= gap_end
+
+
+def test_a_short_utterance_in_a_long_silence_is_never_cut() -> None:
+    samples = synth.islands([("silence", 29.0), ("speech", 2.0), ("silence", 29.0)])
+    spans = segmenter.split(samples, window_s=30.0)
+    holding = [s for s in spans if s.start_s <= 29.0 and s.end_s >= 31.0]
+    assert len(holding) == 1, spans
+    assert all(s.end_s <= 29.0 or s.start_s >= 31.0 for s in spans if s not in holding)
