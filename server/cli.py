@@ -130,10 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers, admin_token=args.admin_token,
-        device=args.device, log_format=args.log_format, log_level=args.log_level,
+        device=args.device, log_format=args.log_format, log_level=args.log_level, log_file=args.log_file,
         seed_demo=False if args.no_seed_demo else None,
     )
-    configure_logging(settings.log_level, settings.log_format, args.log_file)
+    configure_logging(settings.log_level, settings.log_format, settings.log_file,
+                      max_mb=settings.log_max_mb, backups=settings.log_backups)
     from server.serving import run_gunicorn, serve_single
 
     return run_gunicorn(settings) if settings.workers > 1 else serve_single(settings)

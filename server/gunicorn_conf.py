@@ -10,7 +10,8 @@ from server.serving import gunicorn_options, prepare_metrics_dir
 from server.settings import Settings
 
 _settings = Settings()
-configure_logging(_settings.log_level, _settings.log_format)
+configure_logging(_settings.log_level, _settings.log_format, _settings.log_file,
+                  max_mb=_settings.log_max_mb, backups=_settings.log_backups)
 prepare_metrics_dir()  # before any worker imports prometheus_client
 globals().update(gunicorn_options(_settings))
 wsgi_app = "server.app:create_app()"

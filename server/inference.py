@@ -8,6 +8,7 @@ thread finishes (its slot is only given back when the thread is really done).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -52,7 +53,9 @@ class InferencePool:
             loop.call_soon_threadsafe(self._started)
             return fn(*args)
 
-        future = loop.run_in_executor(self._executor, job)
+        # run_in_executor does not carry contextvars over (asyncio.to_thread does): copy them, so
+        # every log line of the request keeps its request id on the inference thread too
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, job)
         future.add_done_callback(self._finished)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)

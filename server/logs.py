@@ -66,11 +66,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text", log_file: Path | None = None,
-                      quiet_access: bool = True) -> None:
+                      quiet_access: bool = True, max_mb: float = 20.0, backups: int = 5) -> None:
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
-        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=20 * 2**20, backupCount=5))
+        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=int(max_mb * 2**20),
+                                                             backupCount=backups))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

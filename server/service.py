@@ -7,6 +7,7 @@ leases a model version inside the inference thread and labels the answer with th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from server.inference import InferencePool
 from server.loader import LoadedModel, ModelLoader
 from server.metrics import Metrics
 from server.settings import Settings
+
+log = logging.getLogger("voxswap.service")
 
 
 @dataclass
@@ -84,6 +87,9 @@ class TranscriptionService:
             elapsed = time.perf_counter() - started
         result = self.assemble(model.version, samples, spans, raws, elapsed)
         self.loader.stats.record(model.version, ok=True, empty=not result.text, latency_s=elapsed)
+        log.debug("transcribed", extra={"event": "transcribed", "version": model.version,
+                                        "audio_s": round(result.duration_s, 3), "inference_s": round(elapsed, 4),
+                                        "segments": len(spans)})
         return result
 
     @staticmethod

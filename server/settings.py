@@ -110,6 +110,15 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """Log line format."""
 
+    log_file: Path | None = None
+    """Also write logs to this file, rotated at ``log_max_mb`` keeping ``log_backups`` old files."""
+
+    log_max_mb: float = Field(20.0, gt=0)
+    """Size at which the log file is rotated."""
+
+    log_backups: int = Field(5, ge=0)
+    """Rotated log files kept."""
+
     fault_injection: bool = False
     """Test-only: honour the registry's faults/ hooks (a worker that fails its load). Never in production."""
 
