@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from server.deps import CtxDep, require_admin
 from server.errors import Conflict, NotReady
-from server.loader import ANY_CURRENT
+from server.registry import ANY_CURRENT
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

@@ -43,13 +43,12 @@ from server.errors import (
     VersionNotLoaded,
 )
 from server.metrics import Metrics
-from server.registry import Manifest, Registry
+from server.registry import ANY_CURRENT, Manifest, Registry
 from server.settings import Settings
 from server.smoke import SmokeReport, run_smoke
 from server.watch import PostSwapWatch, VersionStats
 
 log = logging.getLogger("voxswap.loader")
-ANY_CURRENT: Any = object()
 
 
 class ModelState(StrEnum):

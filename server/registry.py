@@ -39,7 +39,7 @@ MODEL_FILES = ("model_quant.onnx", "model.onnx")
 SIDE_FILES = ("config.yaml", "am.mvn", "chn_jpn_yue_eng_ko_spectok.bpe.model")
 MANIFEST = "manifest.json"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
-_UNSET: Any = object()
+ANY_CURRENT: Any = object()  # "no expectation" for compare-and-swap: any current version will do
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ class Registry:
         self,
         name: str,
         *,
-        expected_current: str | None = _UNSET,
+        expected_current: str | None = ANY_CURRENT,
         actor: str = "cli",
         event: str = "promote",
         details: dict[str, Any] | None = None,
@@ -339,7 +339,7 @@ class Registry:
         self.manifest(name)
         with self._lock:
             state = self.state()
-            if expected_current is not _UNSET and state.current != expected_current:
+            if expected_current is not ANY_CURRENT and state.current != expected_current:
                 raise UnexpectedCurrent(
                     f"current version is {state.current!r}, not {expected_current!r}; nothing changed"
                 )
