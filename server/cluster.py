@@ -77,6 +77,10 @@ class Rollout:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def stale(self) -> bool:
+        """Its coordinator died or ran out of time: if still staging, nobody will ever commit it."""
+        return not _alive(self.coordinator_pid) or time.time() > self.deadline + 5
+
 
 class WorkerBoard:
     """Reads and writes the shared heartbeat and rollout files of one registry."""
@@ -142,8 +146,7 @@ class WorkerBoard:
         """Claim the registry for one rollout; 409 while another live one holds it."""
         with self.registry.lock:
             current = self.rollout()
-            if current and current.phase == "staging" and _alive(current.coordinator_pid) \
-                    and time.time() < current.deadline:
+            if current and current.phase == "staging" and not current.stale():
                 raise SwapInProgress(
                     f"a rollout of {current.version!r} is being staged by worker {current.coordinator_pid}",
                     retry_after=2,
@@ -161,6 +164,15 @@ class WorkerBoard:
             current = self.rollout()
             if current and current.id == rollout.id:
                 write_json_atomic(self.rollout_path, rollout.to_json())
+
+    def clear_stale(self) -> None:
+        with self.registry.lock:
+            current = self.rollout()
+            if current and current.stale():
+                self.rollout_path.unlink()
+                if current.phase == "staging":
+                    self.registry.record("rollout_abandoned", version=current.version, outcome="aborted",
+                                         coordinator_pid=current.coordinator_pid, rollout=current.id)
 
     def end(self, rollout: Rollout) -> None:
         with self.registry.lock:

@@ -37,14 +37,18 @@ class InferencePool:
     def queued(self) -> int:
         return max(0, self._admitted - self._running)
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on an inference thread; only call from the event loop."""
+    def check_capacity(self) -> None:
+        """Refuse now if a request would be refused later: before spending CPU on decoding it."""
         if self._admitted >= self.capacity:
             self.metrics.rejections.labels("overloaded").inc()
             raise Overloaded(
                 f"the server is at capacity ({self._admitted} requests admitted); retry shortly",
                 retry_after=1,
             )
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on an inference thread; only call from the event loop."""
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         self._admitted += 1
         self._publish()

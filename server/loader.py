@@ -560,6 +560,9 @@ class ModelLoader:
     def follow_rollout(self) -> None:
         """As a peer: stage the rollout another worker coordinates, or drop a candidate it aborted."""
         rollout = self.board.rollout()
+        if rollout is not None and rollout.stale():
+            self.board.clear_stale()  # its coordinator died: a staging one will never be committed
+            rollout = None
         if rollout is None or rollout.coordinator_pid == self.board.pid:
             if rollout is None and self._candidate is not None and not self.swapping \
                     and self.registry.state().current != self._candidate.version:

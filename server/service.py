@@ -65,6 +65,7 @@ class TranscriptionService:
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None
     ) -> Transcription:
+        self.pool.check_capacity()
         decoded = await asyncio.to_thread(audio.decode, data, max_seconds=self.settings.max_audio_seconds)
         return await self.pool.run(self.transcribe_samples, decoded.samples, language, use_itn, version)
 

@@ -17,8 +17,7 @@ LONG = [("speech", 12.0), ("silence", 1.5), ("speech", 20.0)]
 @pytest.fixture
 def oa(live_server: tuple[str, FastAPI]) -> Iterator[openai.OpenAI]:
     url, _ = live_server
-    # no retries: a 409 should surface at once rather than after the client's backoff
-    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30) as client:
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30) as client:  # default retries
         yield client
 
 
@@ -93,3 +92,15 @@ def test_models_list_shows_the_versions(oa: openai.OpenAI) -> None:
     assert (models["a"].model_extra or {})["live"] is True
     assert (models["b"].model_extra or {})["loaded"] is False
     assert models["a"].owned_by == "voxswap"
+
+
+def test_the_client_does_not_retry_a_conflict_it_cannot_win(
+    oa: openai.OpenAI, clip: bytes, live_server: tuple[str, FastAPI]
+) -> None:
+    import httpx
+
+    url, _ = live_server
+    with pytest.raises(openai.ConflictError):
+        oa.audio.transcriptions.create(model="b", file=("clip.wav", clip))
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'voxswap_requests_total{route="/v1/audio/transcriptions",status="409",version="none"} 1.0' in metrics

@@ -10,8 +10,8 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.typing import NDArray
 import soundfile as sf
+from numpy.typing import NDArray
 
 SAMPLE_RATE = 16_000
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,3 +185,41 @@ def test_workers_over_their_memory_budget_are_recycled_one_at_a_time(
     assert sorted(e["pid"] for e in recycles) == sorted(before)
     assert all("exceeds the 1 MiB budget" in e["reason"] for e in recycles)
     assert load.failures() == []
+
+
+def test_a_rollout_whose_coordinator_dies_is_abandoned_and_peers_free_their_candidate(
+    reg: Registry, servers: list[ServerProcess], tmp_path: Path, model_dir: Callable[..., Path]
+) -> None:
+    reg.add(model_dir(TEXT["heavy"], weights_mb=150), "heavy")
+    server = _start(servers, reg, tmp_path, workers=2)
+    thread = threading.Thread(target=lambda: _swallow(server.update, "heavy"))
+    thread.start()
+
+    def follower_still_loading() -> int | None:
+        # the coordinator cannot commit before every peer is ready: killed now, it never will
+        coordinator = _coordinator(reg)
+        for worker in server.status()["workers"]:
+            staged = worker.get("staged")
+            if coordinator and worker["pid"] != coordinator and staged and staged["status"] == "loading":
+                return coordinator
+        return None
+
+    coordinator = wait_until(follower_still_loading, timeout_s=60, interval_s=0.01, message="a follower staging")
+    os.kill(coordinator, signal.SIGKILL)
+    thread.join(60)
+
+    def settled() -> bool:
+        workers = server.status()["workers"]
+        return (len(workers) == 2 and coordinator not in [w["pid"] for w in workers]
+                and all(w["version"] == "a" and not w["staged"] for w in workers)
+                and not (reg.root / "rollout.json").exists())
+
+    wait_until(settled, timeout_s=60, message="the abandoned rollout cleared and candidates freed")
+    assert reg.state().current == "a"
+    assert any(e["event"] == "rollout_abandoned" for e in reg.history())
+    assert server.update("b").status_code == 200  # the registry is free for the next rollout
+
+
+def _swallow(fn: Callable[..., object], *args: object) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the coordinator is killed while answering
+        fn(*args)
