@@ -198,18 +198,23 @@ def _try_recycle(ctx: AppContext) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def begin_shutdown(app: FastAPI) -> None:
-    """SIGTERM arrived: readiness turns 503 now; serving goes on until the server stops accepting."""
+def begin_shutdown(app: FastAPI) -> bool:
+    """SIGTERM arrived: readiness turns 503 now; serving goes on until the server stops accepting.
+
+    Returns whether peers on the same listening socket cover for this worker (it is being
+    recycled), so it can stop accepting at once instead of waiting for a load balancer to notice.
+    """
     ctx: AppContext = app.state.ctx
     ctx.loader.draining = True
     if ctx.recycling:
-        return  # peers keep this instance ready; only this worker leaves
+        return True  # peers keep this instance ready; only this worker leaves
     if not ctx.shutting_down:
         ctx.shutting_down = True
         log.info("shutdown requested: readiness is 503, still serving",
                  extra={"event": "shutdown_begin", "delay_s": ctx.settings.shutdown_delay_s})
         with suppress(OSError):
             ctx.loader.publish()
+    return False
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -301,6 +306,9 @@ class RequestContextMiddleware:
                         if key.lower() == b"x-model-version":
                             status["version"] = value.decode()
                     raw.append((b"x-request-id", request_id.encode()))
+                    if self.ctx.loader.draining:
+                        # a client told to close now never races the idle-connection close at shutdown
+                        raw.append((b"connection", b"close"))
                     message["headers"] = raw
                 await send(message)
 

@@ -10,9 +10,11 @@ session inherited across fork is unsafe), and a worker takes no traffic until it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -36,11 +38,16 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 class GracefulServer(uvicorn.Server):
     """uvicorn, with a readiness-first shutdown delay and exit code 0 after a graceful stop."""
 
-    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], None], delay_s: float):
+    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], bool], delay_s: float):
         super().__init__(config)
         self._on_shutdown = on_shutdown
         self._delay_s = delay_s
         self._stop_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._stop_requested or self._delay_s <= 0:
@@ -48,10 +55,17 @@ class GracefulServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # a second signal still forces uvicorn's fast path
             return
         self._stop_requested = True
-        self._on_shutdown()
+        if self._on_shutdown() and self._loop is not None:
+            # Peers accept on the same socket: stop taking connections now, so the only ones left
+            # at shutdown are those already told "Connection: close".
+            self._loop.call_soon_threadsafe(self._stop_accepting)
         timer = threading.Timer(self._delay_s, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+    def _stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

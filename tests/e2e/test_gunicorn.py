@@ -157,6 +157,7 @@ def test_sigterm_turns_readiness_503_keeps_serving_then_exits_0(
     # still serving while the load balancer takes note
     r = httpx.post(f"{server.url}/api/transcribe", files={"file": ("c.wav", synth.wav_bytes(synth.speech_like(1.0)))})
     assert r.status_code == 200
+    assert r.headers["connection"] == "close"  # so no client reuses a connection the stop will close
     inflight = [threading.Thread(target=long_request) for _ in range(2)]
     for t in inflight:
         t.start()
