@@ -17,7 +17,6 @@ failure goes to the caller, the log, the metrics and the registry's history.
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import logging
 import os
@@ -366,7 +365,6 @@ class ModelLoader:
             candidate.retired = True
             if candidate.leases == 0:
                 candidate.engine.close()
-            gc.collect()
             malloc_trim()
         self.publish()
 
@@ -485,7 +483,8 @@ class ModelLoader:
         if report.drained:
             old.engine.close()
         del old
-        gc.collect()
+        # No gc.collect(): the session has no reference cycles, so closing it frees it, and a full
+        # collection would hold the GIL for tens of milliseconds while requests are being served.
         malloc_trim()
         rss_after = self._rss()
         report.timings["free_s"] = self._phase("free", t)
@@ -523,6 +522,8 @@ class ModelLoader:
 
         A version this worker already staged for a rollout is flipped to without building it again.
         """
+        if self.registry.state().generation == self.applied_generation:
+            return True  # the usual tick: nothing to do, and no lock an admin call could trip over
         if not self._swap_lock.acquire(blocking=False):
             return False
         try:
