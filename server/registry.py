@@ -158,6 +158,7 @@ class Registry:
         self.history_path = self.root / "history.jsonl"
         self.staging_dir = self.root / ".staging"
         self._lock = FileLock(str(self.root / ".lock"), timeout=lock_timeout_s)
+        self._verified: dict[tuple[str, str], tuple[int, ...]] = {}
 
     @property
     def lock(self) -> FileLock:
@@ -220,17 +221,31 @@ class Registry:
         return events[-limit:] if limit else events
 
     def verify(self, name: str) -> Manifest:
-        """Every file's size and sha256 against the manifest; raise on the first mismatch."""
+        """Every file's size and sha256 against the manifest; raise on the first mismatch.
+
+        A file this process already hashed is not hashed again while its inode, size, mtime and
+        ctime are unchanged: any write, chmod or touch moves ctime, and re-hashing a 900 MB model on
+        every swap or rollback would take a core away from serving for about a second.
+        """
         manifest = self.manifest(name)
         root = self.version_dir(name)
         for entry in manifest.files:
             path = root / entry["path"]
-            if not path.is_file():
-                raise VerificationFailed(f"version {name!r}: {entry['path']} is missing")
-            if path.stat().st_size != entry["size"]:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise VerificationFailed(f"version {name!r}: {entry['path']} is missing") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise VerificationFailed(f"version {name!r}: {entry['path']} is not a regular file")
+            if st.st_size != entry["size"]:
                 raise VerificationFailed(f"version {name!r}: {entry['path']} has the wrong size")
+            key = (str(path), entry["sha256"])
+            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if self._verified.get(key) == signature:
+                continue
             if sha256_file(path) != entry["sha256"]:
                 raise VerificationFailed(f"version {name!r}: {entry['path']} fails its sha256 check")
+            self._verified[key] = signature
         return manifest
 
     # -- writing --------------------------------------------------------------------------------

@@ -119,6 +119,23 @@ def test_verify_catches_a_changed_byte(registry: Registry) -> None:
     assert registry.verify("a").name == "a"
 
 
+def test_verify_after_a_first_pass_still_catches_a_same_size_edit_with_its_mtime_restored(
+    registry: Registry,
+) -> None:
+    assert registry.verify("b").name == "b"  # hashed once: later checks may trust unchanged files
+    target = registry.version_dir("b") / "model.onnx"
+    before = target.stat()
+    os.chmod(target, 0o644)
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.chmod(target, before.st_mode)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(VerificationFailed, match=r"model\.onnx fails its sha256"):
+        registry.verify("b")
+
+
 def test_revert_takes_a_refused_version_out_of_current(registry: Registry) -> None:
     registry.promote("b")
     state = registry.revert("b", to="a", reason="smoke failed")
