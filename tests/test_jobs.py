@@ -59,6 +59,19 @@ def slow_registry(tmp_path: Path, model_dir: Callable[..., Path]) -> Registry:
     return reg
 
 
+
+def _segment_by_segment(make_settings: Callable[..., Any], registry: Registry, data_dir: Path) -> Any:
+    """5 s segments one at a time on the slow model: a long job stays running long enough to act on."""
+    return make_settings(registry=registry.root, data_dir=data_dir, job_poll_s=0.05,
+                         segment_window_s=5.0, segment_batch_size=1)
+
+
+def _start_long_job(client: TestClient, name: str, seconds: float) -> dict[str, Any]:
+    [job] = submit(client, [(name, synth.wav_bytes(synth.speech_like(seconds)))])
+    wait_until(lambda: client.get(f"/api/jobs/{job['id']}").json()["progress"] > 0, timeout_s=60,
+               message=f"{name} to make progress")
+    return job
+
 def test_files_and_a_zip_become_jobs_that_complete_with_text_and_version(jobs_client: TestClient,
                                                                         clip: bytes) -> None:
     archive = zip_of({"day1/standup.wav": clip, "day1/retro.flac": synth.wav_bytes(synth.speech_like(2.0)),
@@ -187,12 +200,9 @@ def test_a_file_that_is_not_audio_fails_with_the_reason(jobs_client: TestClient)
 def test_a_running_job_can_be_cancelled_and_the_worker_moves_on(make_settings: Callable[..., Any],
                                                                 slow_registry: Registry, data_dir: Path,
                                                                 clip: bytes) -> None:
-    settings = make_settings(registry=slow_registry.root, data_dir=data_dir, job_poll_s=0.05,
-                             segment_window_s=5.0, segment_batch_size=1)
+    settings = _segment_by_segment(make_settings, slow_registry, data_dir)
     with TestClient(create_app(settings)) as c:
-        [long_job] = submit(c, [("long.wav", synth.wav_bytes(synth.speech_like(60.0)))])
-        wait_until(lambda: c.get(f"/api/jobs/{long_job['id']}").json()["progress"] > 0, timeout_s=60,
-                   message="the long job to make progress")
+        long_job = _start_long_job(c, "long.wav", 60.0)
         assert c.delete(f"/api/jobs/{long_job['id']}").json()["status"] == "cancelled"
         [short_job] = submit(c, [("short.wav", clip)])
         [done] = wait_for_jobs(c, [short_job["id"]])
@@ -204,12 +214,9 @@ def test_a_running_job_can_be_cancelled_and_the_worker_moves_on(make_settings: C
 
 def test_jobs_yield_to_interactive_requests(make_settings: Callable[..., Any], slow_registry: Registry,
                                             data_dir: Path, clip: bytes) -> None:
-    settings = make_settings(registry=slow_registry.root, data_dir=data_dir, job_poll_s=0.05,
-                             segment_window_s=5.0, segment_batch_size=1)
+    settings = _segment_by_segment(make_settings, slow_registry, data_dir)
     with TestClient(create_app(settings)) as c:
-        [job] = submit(c, [("long.wav", synth.wav_bytes(synth.speech_like(30.0)))])
-        wait_until(lambda: c.get(f"/api/jobs/{job['id']}").json()["progress"] > 0, timeout_s=60,
-                   message="the job to start")
+        job = _start_long_job(c, "long.wav", 30.0)
         # an interactive request waits for one 5 s segment at most, not for the whole file
         r = c.post("/api/transcribe", files={"file": ("now.wav", clip)})
         assert r.status_code == 200 and r.json()["text"] == TEXT_A
@@ -219,12 +226,9 @@ def test_jobs_yield_to_interactive_requests(make_settings: Callable[..., Any], s
 
 def test_a_swap_does_not_wait_for_a_running_job_which_then_records_the_version_that_served_it(
         make_settings: Callable[..., Any], slow_registry: Registry, data_dir: Path) -> None:
-    settings = make_settings(registry=slow_registry.root, data_dir=data_dir, job_poll_s=0.05,
-                             segment_window_s=5.0, segment_batch_size=1)
+    settings = _segment_by_segment(make_settings, slow_registry, data_dir)
     with TestClient(create_app(settings)) as c:
-        [job] = submit(c, [("meeting.wav", synth.wav_bytes(synth.speech_like(30.0)))])
-        wait_until(lambda: c.get(f"/api/jobs/{job['id']}").json()["progress"] > 0, timeout_s=60,
-                   message="the job to start on a")
+        job = _start_long_job(c, "meeting.wav", 30.0)
         r = c.post("/admin/model/update", json={"version": "b"}, headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json()["drained"] is True  # the job held a only for the segment it was on
@@ -336,12 +340,9 @@ def test_a_full_queue_and_oversized_zips_are_refused(jobs_app: Callable[..., Tes
 def test_a_graceful_stop_puts_a_running_job_back_without_counting_it(make_settings: Callable[..., Any],
                                                                      slow_registry: Registry,
                                                                      data_dir: Path) -> None:
-    settings = make_settings(registry=slow_registry.root, data_dir=data_dir, job_poll_s=0.05,
-                             segment_window_s=5.0, segment_batch_size=1)
+    settings = _segment_by_segment(make_settings, slow_registry, data_dir)
     with TestClient(create_app(settings)) as c:
-        [job] = submit(c, [("long.wav", synth.wav_bytes(synth.speech_like(60.0)))])
-        wait_until(lambda: c.get(f"/api/jobs/{job['id']}").json()["progress"] > 0, timeout_s=60,
-                   message="the job to start")
+        job = _start_long_job(c, "long.wav", 60.0)
     stored = JobStore(data_dir).ensure().get(job["id"])
     assert stored is not None and (stored.status, stored.attempts, stored.owner) == ("pending", 0, None)
     assert not list((data_dir / "owners").iterdir())  # the stopped process let go of its lock
