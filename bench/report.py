@@ -129,8 +129,8 @@ def findings(sections: dict[str, Section]) -> list[str]:
             worst = max(by_phase, key=lambda k: by_phase[k])
             text += (" p50 of requests by the phase that covered most of their life, against outside: "
                      + ", ".join(f"{k} {v:.2f}x" for k, v in by_phase.items()) + f"; *{worst}* hurts most.")
-        text += (" A swap hashes, loads and smoke-tests a whole model on the same cores that serve, which costs "
-                 "inference CPU however the flip itself is done")
+        text += (" A swap loads and smoke-tests a whole model (and hashes it, the first time) on the same cores "
+                 "that serve, which costs inference CPU however the flip itself is done")
         flips = f"{d['flip_ok']} of {d['swaps_ok']}"
         text += (f"; the flip itself is a pointer under a lock ({flips} swaps flipped within verify + load + "
                  "smoke + 0.2 s).")

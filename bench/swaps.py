@@ -188,9 +188,13 @@ def _analyse(bench: Bench, section: Section, records: list[SwapRecord], outcomes
     section.notes.append(
         "*time to flip* runs from the start of the swap to the pointer flip: verify, load, smoke, the "
         "two-phase rollout's wait for peers (none with 1 worker) and the registry commit. *drain* waits for "
-        "requests still holding the old version; *free* drops it, collects garbage and trims the heap.")
+        "requests still holding the old version; *free* closes its session and trims the heap (no full "
+        "garbage collection: the session has no reference cycles, and a collection would pause every "
+        "serving thread).")
     section.notes.append(
-        "The swap's verify (sha256 of the model), load and smoke share the machine's cores with inference; "
+        "The swap's verify (sha256 of the model the first time a process sees it; afterwards only inode, "
+        "size and times, so the alternating versions here verify in about 0 ms), load and smoke share "
+        "the machine's cores with inference; "
         "on a 2-core machine that is where the latency during swaps comes from.")
     return {
         "requests": len(outcomes), "failed": len(failed), "mislabelled": len(mislabelled),
