@@ -161,6 +161,19 @@ def test_not_a_number_samples_are_treated_as_silence(client: TestClient) -> None
     assert r.status_code == 200 and r.json()["language"] == "nospeech"
 
 
+def test_odd_sample_rates_decode_and_absurd_ones_are_refused_at_once(client: TestClient) -> None:
+    """A header may claim any rate: an odd one still transcribes, and one no recorder uses is a 415
+    before any resampling (10 MHz would cost a resampling filter of gigabytes for 16 KB of file)."""
+    odd = synth.wav_bytes(synth.speech_like(1.5, seed=3), 16_001)
+    r = client.post("/api/transcribe", files={"file": ("odd.wav", odd)})
+    assert r.status_code == 200, r.text
+    assert (r.json()["text"], r.json()["duration_s"]) == (TEXT_A, pytest.approx(1.5, abs=0.01))
+    absurd = synth.wav_bytes(np.zeros(8000, np.float32), 10_000_019)
+    r = client.post("/api/transcribe", files={"file": ("absurd.wav", absurd)})
+    assert r.status_code == 415, r.text
+    assert "10000019 Hz" in r.json()["error"]["message"]
+
+
 @needs_tools
 def test_audio_longer_than_the_limit_is_413_even_when_it_compresses_to_almost_nothing(
         make_settings: Callable[..., Any], fixtures: dict[str, bytes]) -> None:
