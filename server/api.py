@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.deps import CtxDep
 from server.engine import LANGUAGES
-from server.errors import InvalidRequest, NotFound
+from server.errors import InvalidRequest, NotFound, RegistryError
 from server.formats import to_srt, to_vtt
 from server.service import Transcription
 
@@ -26,8 +26,10 @@ def _pinned(ctx: Any, requested: str | None) -> str | None:
     name = (requested or "").strip()
     if name in LIVE_ALIASES:
         return None
-    if not (ctx.registry.versions_dir / name / "manifest.json").is_file():
-        raise NotFound(f"no model version {name!r}; GET /v1/models lists them", param="model")
+    try:
+        ctx.registry.version_dir(name)  # a name that is not a version name is simply not found
+    except (NotFound, RegistryError):
+        raise NotFound(f"no model version {name[:80]!r}; GET /v1/models lists them", param="model") from None
     return name
 
 

@@ -142,7 +142,8 @@ async def _watch_registry(ctx: AppContext) -> None:
                 pending = not await asyncio.to_thread(ctx.loader.follow_registry)
             if ctx.loader.board.rollout_path.exists() or ctx.loader.has_candidate:
                 await asyncio.to_thread(ctx.loader.follow_rollout)
-        except Exception:  # the watcher must survive anything one swap does
+        except Exception:  # the watcher must survive anything one swap does, and try again
+            pending = True
             log.exception("following the registry failed", extra={"event": "watch_error"})
 
 

@@ -146,9 +146,13 @@ class WorkerBoard:
         """Claim the registry for one rollout; 409 while another live one holds it."""
         with self.registry.lock:
             current = self.rollout()
-            if current and current.phase == "staging" and not current.stale():
+            # a committed rollout still waits for its peers to serve it: a second one now would have
+            # each coordinator wait on the other's swap lock until both time out
+            if current and current.phase in ("staging", "committed") and not current.stale():
                 raise SwapInProgress(
-                    f"a rollout of {current.version!r} is being staged by worker {current.coordinator_pid}",
+                    f"a rollout of {current.version!r} is still "
+                    f"{'being staged' if current.phase == 'staging' else 'converging'} "
+                    f"(coordinated by worker {current.coordinator_pid})",
                     retry_after=2,
                 )
             now = time.time()

@@ -34,6 +34,7 @@ import psutil
 from server.cluster import Rollout, Staged, WorkerBoard, WorkerInfo
 from server.engine import Engine, EngineLoadError
 from server.errors import (
+    NotFound,
     NotReady,
     SwapFailed,
     SwapInProgress,
@@ -353,7 +354,7 @@ class ModelLoader:
         with self._cond:
             previous, self._candidate = self._candidate, candidate
         if previous is not None and previous is not candidate:
-            previous.engine.close()
+            self._free_when_idle(previous)
         self._staged = Staged(rollout_id, candidate.version, "ready")
         self.publish()
 
@@ -362,11 +363,17 @@ class ModelLoader:
             candidate, self._candidate = self._candidate, None
         self._staged = None
         if candidate is not None:
-            candidate.retired = True
-            if candidate.leases == 0:
-                candidate.engine.close()
+            self._free_when_idle(candidate)
             malloc_trim()
         self.publish()
+
+    def _free_when_idle(self, model: LoadedModel) -> None:
+        """Close a model nobody may lease any more: now, or when its last pinned request ends."""
+        with self._cond:
+            model.retired = True
+            idle = model.leases == 0
+        if idle:
+            model.engine.close()
 
     def _await_peers_staged(self, rollout: Rollout, report: SwapReport) -> SwapFailed | None:
         """Phase one: every live peer has built and smoke-tested the version, or one has not."""
@@ -423,8 +430,11 @@ class ModelLoader:
         try:
             manifest = self.registry.verify(version)
             path = self.registry.version_dir(version)
-        except VerificationFailed as exc:
+        except (VerificationFailed, NotFound) as exc:
             raise SwapFailed(exc.message, outcome="verify_failed") from exc
+        except ValueError as exc:  # a manifest that is not valid JSON
+            raise SwapFailed(f"version {version!r} has an unreadable manifest: {exc}",
+                             outcome="verify_failed") from exc
         report.timings["verify_s"] = self._phase("verify", t)
 
         fault = self._fault(version, role)
@@ -637,8 +647,14 @@ class ModelLoader:
 
     def load(self, *, actor: str = "api") -> SwapReport | None:
         """Undo an unload: every process loads the registry's current version again."""
-        self.registry.set_held(False, actor=actor)
-        self.held_by_operator = False
+        if not self._swap_lock.acquire(blocking=False):
+            raise SwapInProgress("a swap is running; load when it has finished", retry_after=2)
+        try:
+            # this process loads it below: its own watcher must not race it to the swap lock
+            self.applied_generation = self.registry.set_held(False, actor=actor).generation
+            self.held_by_operator = False
+        finally:
+            self._swap_lock.release()
         return self.load_current(actor=actor)
 
     def _unload_local(self, *, actor: str) -> dict[str, Any]:

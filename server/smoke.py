@@ -15,6 +15,7 @@ from typing import Any
 
 from server import audio, richtext
 from server.engine import Engine
+from server.errors import VoxswapError
 from server.registry import Manifest
 from server.testing import synth
 
@@ -56,7 +57,12 @@ def run_smoke(
     results: list[ClipResult] = []
     if manifest.smoke:
         for clip in manifest.smoke:
-            decoded = audio.decode((version_dir / clip.audio).read_bytes(), max_seconds=3600)
+            try:
+                decoded = audio.decode((version_dir / clip.audio).read_bytes(), max_seconds=3600)
+            except (VoxswapError, OSError) as exc:  # a clip that cannot be read fails the check
+                results.append(ClipResult(clip.audio, clip.text, "", None, 0.0, False,
+                                          f"the clip could not be read: {exc}"))
+                continue
             results.append(_check(engine, clip.audio, decoded.samples, clip.text, clip.language,
                                   clip.use_itn, cer_threshold, latency_budget_s))
     else:

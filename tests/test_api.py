@@ -126,6 +126,11 @@ def test_openai_route_json_text_and_pinning(client: TestClient, speech_wav: byte
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", speech_wav)}, data={"model": "b"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "version_not_loaded"
+    for name in ("x" * 300, "../a", "."):  # not a version name at all: not found, never a 500
+        r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", speech_wav)}, data={"model": name})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", (name, r.text)
+        r = client.post("/api/transcribe", files={"file": ("a.wav", speech_wav)}, headers={"X-Model-Version": name})
+        assert r.status_code == 404, (name, r.text)
 
 
 def test_unknown_routes_use_the_error_envelope(client: TestClient) -> None:
