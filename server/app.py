@@ -45,6 +45,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UPLOAD_PREFIXES = ("/api/transcribe", "/v1/audio/", "/admin/model/versions", "/api/jobs")
 UNCOUNTED_PREFIXES = ("/health", "/metrics")
+STAGING_MAX_AGE_S = 3600.0  # older staging folders belong to no add that is still running
 
 
 @dataclass
@@ -97,6 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: AppContext = app.state.ctx
     ctx.registry.ensure()
+    leftovers = await asyncio.to_thread(ctx.registry.clean_staging, older_than_s=STAGING_MAX_AGE_S)
+    if leftovers:
+        log.warning("removed what interrupted adds left in the registry's staging folder",
+                    extra={"event": "staging_cleaned", "leftovers": leftovers})
     if ctx.settings.seed_demo:
         await asyncio.to_thread(demo.seed_if_empty, ctx.registry)
     try:

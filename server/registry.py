@@ -300,27 +300,36 @@ class Registry:
         return manifest
 
     def add_archive(self, archive: Path, name: str, *, actor: str = "api") -> Manifest:
-        """Add a version uploaded as a tar.gz of its folder; a manifest inside must match on arrival."""
+        """Add a version uploaded as a tar.gz of its folder; a manifest inside must match on arrival.
+
+        Only regular files and folders are unpacked, and every path the sent manifest names must
+        stay inside the upload: an archive must not make the server read or link its own files.
+        """
         validate_name(name)
         self.ensure()
         unpack = self.staging_dir / f"upload.{uuid.uuid4().hex}"
         try:
             with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(unpack, filter="data")
-            roots = [p for p in unpack.iterdir()]
+                members = tar.getmembers()
+                odd = [m.name for m in members if not (m.isfile() or m.isdir())]
+                if odd:
+                    raise RegistryError(f"upload may hold only files and folders, not links or devices: {odd[0]}")
+                unpack.mkdir(parents=True)
+                tar.extractall(unpack, members=members, filter="data")
+            roots = list(unpack.iterdir())
             folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else unpack
             expected = folder / MANIFEST
             sent: Manifest | None = None
             if expected.is_file():
                 sent = Manifest.from_json(json.loads(expected.read_text()))
                 for entry in sent.files:
-                    path = folder / entry["path"]
+                    path = _inside(folder, entry["path"])
                     if not path.is_file() or sha256_file(path) != entry["sha256"]:
                         raise VerificationFailed(f"upload: {entry['path']} does not match its checksum")
-            smoke = [(folder / c.audio, c.text) for c in sent.smoke] if sent else []
+            smoke = [(_inside(folder, c.audio), c.text) for c in sent.smoke] if sent else []
             return self.add(folder, name, smoke=smoke, source=sent.source if sent else "upload",
                             metadata=sent.metadata if sent else {}, actor=actor)
-        except (tarfile.TarError, json.JSONDecodeError, KeyError) as exc:
+        except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise RegistryError(f"upload is not a readable tar.gz of a version folder: {exc}") from exc
         finally:
             shutil.rmtree(unpack, ignore_errors=True)
@@ -351,8 +360,8 @@ class Registry:
         details: dict[str, Any] | None = None,
     ) -> RegistryState:
         """Make ``name`` current (the old current becomes previous), compare-and-swap style."""
-        self.manifest(name)
         with self._lock:
+            self.manifest(name)  # under the lock: a concurrent remove cannot leave current dangling
             state = self.state()
             if expected_current is not ANY_CURRENT and state.current != expected_current:
                 raise UnexpectedCurrent(
@@ -425,12 +434,23 @@ class Registry:
         finally:
             os.close(fd)
 
-    def clean_staging(self) -> None:
-        """Remove what an interrupted ``add`` or ``remove`` left; call only when no add is running."""
+    def clean_staging(self, *, older_than_s: float = 0.0) -> list[str]:
+        """Remove what an interrupted ``add``, upload or ``remove`` left behind (model-sized copies).
+
+        ``older_than_s`` spares folders touched more recently, which an ``add`` running in another
+        process may still be filling; with 0, call it only when no add can be running.
+        """
+        removed = []
         if self.staging_dir.is_dir():
+            cutoff = time.time() - older_than_s
             for leftover in self.staging_dir.iterdir():
-                _make_writable(leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if older_than_s and leftover.stat().st_mtime > cutoff:
+                        continue
+                    _make_writable(leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    removed.append(leftover.name)
+        return removed
 
     def export_archive(self, name: str, out: Path) -> Path:
         """A tar.gz of a version folder, manifest included, as ``POST /admin/model/versions`` takes."""
@@ -438,6 +458,14 @@ class Registry:
         with tarfile.open(out, "w:gz") as tar:
             tar.add(root, arcname=name)
         return out
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, refused if it would leave ``folder`` (absolute, ``..``, links)."""
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise RegistryError(f"upload: manifest path {relative!r} leaves the version folder")
+    return path
 
 
 def _relative_files(root: Path) -> Iterator[str]:

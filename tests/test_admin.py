@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import shutil
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -195,3 +200,88 @@ def test_update_with_a_hostile_version_name_is_refused(client: TestClient, name:
     r = client.post("/admin/model/update", json={"version": name}, headers=AUTH)
     assert r.status_code in (400, 404), r.text
     assert client.get("/api/system/status").json()["model_version"] == "a"
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _version_with_manifest(registry: Registry, manifest: dict[str, Any]) -> bytes:
+    """Version ``b``'s real files, with ``manifest`` sent in place of its own."""
+    src = registry.version_dir("b")
+    members = [_file(f"b/{p.relative_to(src)}", p.read_bytes()) for p in sorted(src.rglob("*"))
+               if p.is_file() and p.name != "manifest.json"]
+    return _tar([*members, _file("b/manifest.json", json.dumps(manifest).encode())])
+
+
+def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def test_hostile_or_broken_uploads_are_400_and_leave_nothing(client: TestClient, registry: Registry,
+                                                             tmp_path: Path) -> None:
+    """An upload must never make the server read, link or reveal its own files, and bad archives are
+    the client's error, not a 500."""
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(b"the server's own file")
+    good = registry.manifest("b").to_json()
+    uploads = {
+        "empty archive": _tar([]),
+        "not a tar": b"\x1f\x8b not really gzip",
+        "manifest is not JSON": _tar([_file("b/manifest.json", b"{not json")]),
+        "manifest with a bad field": _version_with_manifest(registry, {**good, "created_at": "yesterday"}),
+        "smoke clip outside the upload": _version_with_manifest(
+            registry, {**good, "smoke": [{"audio": str(secret), "text": "leak"}]}),
+        "checked file outside the upload": _version_with_manifest(
+            registry, {**good, "files": [{"path": "../../../../etc/passwd", "size": 1, "sha256": "0" * 64}]}),
+        "symlink member": _tar([_link("b/model.onnx", "/etc/passwd", tarfile.SYMTYPE)]),
+        "hard link member": _tar([_link("b/model.onnx", "/etc/passwd", tarfile.LNKTYPE)]),
+    }
+    for what, payload in uploads.items():
+        r = client.post("/admin/model/versions", data={"version": "upl"}, files={"file": ("v.tgz", payload)},
+                        headers=AUTH)
+        assert r.status_code == 400, (what, r.text)
+        assert r.json()["error"]["message"], what
+        assert not (registry.versions_dir / "upl").exists(), what
+    assert not list(registry.staging_dir.iterdir())
+    assert client.get("/api/system/status").json()["model_version"] == "a"
+
+
+def test_a_version_whose_smoke_clip_does_not_decode_fails_its_smoke_test(
+    client: TestClient, registry: Registry, model_dir: Callable[..., Path], tmp_path: Path, speech_wav: bytes
+) -> None:
+    bad_clip = tmp_path / "clip.wav"
+    bad_clip.write_bytes(b"this is not audio at all" * 10)
+    registry.add(model_dir(TEXT_B), "badclip", smoke=[(bad_clip, TEXT_B)])
+    _refused(client, registry, "badclip", "smoke_failed", speech_wav)
+
+
+def test_a_current_version_that_vanished_from_disk_is_reverted_not_served(
+    settings: Settings, registry: Registry, speech_wav: bytes
+) -> None:
+    """Someone deleted the promoted version's folder by hand while the server was down: it starts
+    on the previous version, takes the missing one out of ``current`` and is ready."""
+    registry.promote("b")
+    doomed = registry.versions_dir / "b"
+    for path in [doomed, *doomed.rglob("*")]:
+        path.chmod(0o755)
+    shutil.rmtree(doomed)
+    with TestClient(create_app(settings)) as c:
+        assert (registry.state().current, registry.state().previous) == ("a", None)
+        refused = registry.history()[-1]
+        assert (refused["event"], refused["version"], refused["to_version"]) == ("refused", "b", "a")
+        assert "no version 'b'" in refused["reason"]
+        assert c.get("/health/ready").status_code == 200
+        assert transcribe(c, speech_wav) == (TEXT_A, "a")

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from server.app import create_app
 from server.errors import Conflict, NotFound, RegistryError, UnexpectedCurrent, VerificationFailed
 from server.registry import Registry
+from server.settings import Settings
 from tests.conftest import TEXT_A
 
 
@@ -110,6 +115,30 @@ def test_remove_refuses_current_and_previous(registry: Registry, model_dir: Call
     assert registry.history()[-1]["event"] == "remove"
 
 
+def test_a_promote_waiting_on_a_remove_of_its_version_refuses_instead_of_pointing_nowhere(
+    registry: Registry,
+) -> None:
+    """``remove`` holds the lock while a ``promote`` of the same version waits for it: once the
+    version is gone the promote must fail, never write a current version with no folder."""
+    outcome: list[BaseException | str] = []
+
+    def promote_b() -> None:
+        try:
+            outcome.append(registry.promote("b", actor="admin").current or "")
+        except BaseException as exc:  # the test inspects what the thread saw
+            outcome.append(exc)
+
+    with registry.lock:  # what remove holds while it takes the folder away
+        waiter = threading.Thread(target=promote_b)
+        waiter.start()
+        time.sleep(0.3)
+        assert not outcome, "promote must wait for the lock"
+        registry.remove("b")
+    waiter.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], NotFound), outcome
+    assert registry.state().current == "a" and registry.version_dir("a").is_dir()
+
+
 def test_verify_catches_a_changed_byte(registry: Registry) -> None:
     target = registry.version_dir("b") / "config.yaml"
     os.chmod(target, 0o644)
@@ -166,3 +195,21 @@ def test_concurrent_promoters_in_many_processes_never_lose_an_update(registry: R
     assert sorted(e["generation"] for e in promotes) == list(range(1, 62))
     json.loads(registry.state_path.read_text())  # never a torn file
     assert not [p for p in registry.root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_starting_server_removes_what_crashed_adds_left_and_spares_a_running_one(
+    registry: Registry, settings: Settings
+) -> None:
+    """A crash mid-add leaves a model-sized copy in ``.staging``; a start-up cleans it, but not a
+    folder another process's ``add`` touched recently and may still be filling."""
+    crashed = registry.staging_dir / "big.0123456789abcdef"
+    (crashed / "sub").mkdir(parents=True)
+    (crashed / "sub" / "model.onnx").write_bytes(b"\0" * 1024)
+    (crashed / "sub" / "model.onnx").chmod(0o444)
+    two_hours_ago = time.time() - 7200
+    os.utime(crashed, (two_hours_ago, two_hours_ago))
+    running = registry.staging_dir / "other.fedcba9876543210"
+    running.mkdir()
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health/ready").status_code == 200
+    assert not crashed.exists() and running.is_dir()
