@@ -49,6 +49,7 @@ from server.smoke import SmokeReport, run_smoke
 from server.watch import PostSwapWatch, VersionStats
 
 log = logging.getLogger("voxswap.loader")
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # backoff of a load that failed in this process only
 
 
 class ModelState(StrEnum):
@@ -148,6 +149,8 @@ class ModelLoader:
         self.draining = False  # shutting down: serve on, but take part in no rollout
         self.after_swap: Callable[[SwapReport], None] = lambda report: None
         self._staged: Staged | None = None
+        self._retry_at = 0.0  # a load that failed here while peers serve the version: retry then
+        self._retry_backoff_s = RETRY_FIRST_S
         self._handled_rollout: str | None = None
         self._started_at = time.time()
         self._process = psutil.Process()
@@ -520,6 +523,9 @@ class ModelLoader:
         try:
             return self.swap_to(state.current, event="load", actor=actor, commit_registry=False)
         except SwapFailed as exc:
+            if self._failed_only_here(state.current, exc):
+                self.applied_generation = -1  # not applied: the watcher retries after the backoff
+                return None
             fallback = state.previous
             reverted = self.registry.revert(state.current, to=fallback, reason=exc.message)
             self.applied_generation = reverted.generation
@@ -534,6 +540,8 @@ class ModelLoader:
         """
         if self.registry.state().generation == self.applied_generation:
             return True  # the usual tick: nothing to do, and no lock an admin call could trip over
+        if time.monotonic() < self._retry_at:
+            return False
         if not self._swap_lock.acquire(blocking=False):
             return False
         try:
@@ -560,13 +568,32 @@ class ModelLoader:
                 else:
                     self._run(report, "registry", lambda: self._local(report, "registry"))
             except SwapFailed as exc:
+                if self._failed_only_here(target, exc):
+                    return False
                 reverted = self.registry.revert(target, to=self.live_version, reason=exc.message)
                 self.applied_generation = reverted.generation
                 return True
             self.applied_generation = state.generation
+            self._retry_backoff_s = RETRY_FIRST_S
             return True
         finally:
             self._swap_lock.release()
+
+    def _failed_only_here(self, version: str, exc: SwapFailed) -> bool:
+        """True when live peers serve ``version``: the failure is this process's own (memory, a slow
+        start beside busy peers), and reverting the registry would roll every worker back."""
+        serving = [p.pid for p in self.board.peers() if p.version == version]
+        if not serving:
+            return False
+        self.last_error = f"{exc.message}; workers {serving} serve it, retrying in {self._retry_backoff_s:g} s"
+        self._retry_at = time.monotonic() + self._retry_backoff_s
+        self._retry_backoff_s = min(self._retry_backoff_s * 2, RETRY_MAX_S)
+        self.registry.record("load_retry", version=version, actor="server", outcome=exc.outcome,
+                             reason=exc.message, pid=os.getpid(), peers_serving=serving)
+        log.warning("version refused here but served by peers: retrying, registry left alone",
+                    extra={"event": "local_load_failed", "version": version, "peers": serving,
+                           "reason": exc.message})
+        return True
 
     def follow_rollout(self) -> None:
         """As a peer: stage the rollout another worker coordinates, or drop a candidate it aborted."""

@@ -141,6 +141,29 @@ def test_a_crashed_worker_is_replaced_by_one_that_loads_the_committed_version_fi
     assert f'pid="{victim}"' not in metrics  # a dead worker's live gauges are gone
 
 
+def test_a_replacement_worker_failing_its_load_retries_instead_of_rolling_every_worker_back(
+    reg: Registry, servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """The other worker serves the version, so it works: a failure in the new worker alone (memory,
+    a slow start beside busy peers) must not revert the registry and roll the whole fleet back."""
+    server = _start(servers, reg, tmp_path, workers=2, env={"VOXSWAP_FAULT_INJECTION": "true"})
+    assert server.update("b").status_code == 200
+    faults = reg.root / "faults"
+    faults.mkdir()
+    (faults / "load.json").write_text(json.dumps({"version": "b"}))
+    victim = next(iter(server.worker_versions()))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: list(faults.glob("load.claimed.*.json")), timeout_s=60,
+               message="the replacement worker to hit the fault")
+    wait_until(lambda: len(server.worker_versions()) == 2 and victim not in server.worker_versions()
+               and set(server.worker_versions().values()) == {"b"}, timeout_s=60,
+               message="the replacement worker to load b on its retry")
+    assert (reg.state().current, reg.state().previous) == ("b", "a")
+    events = [e["event"] for e in reg.history()]
+    assert "load_retry" in events and "refused" not in events
+    wait_until(server.ready, timeout_s=30, message="readiness")
+
+
 def test_sigterm_turns_readiness_503_keeps_serving_then_exits_0(
     reg: Registry, servers: list[ServerProcess], tmp_path: Path
 ) -> None:
