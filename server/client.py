@@ -94,6 +94,8 @@ def collect(paths: Iterable[Path]) -> list[Path]:
         if path.is_dir():
             files += sorted(p for p in path.rglob("*")
                             if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith("."))
+        elif path.suffix.lower() == ".zip":
+            raise ClientError(f"{path}: this client writes one result per file; unzip it and pass the folder")
         elif path.is_file():
             files.append(path)
         else:
@@ -102,12 +104,17 @@ def collect(paths: Iterable[Path]) -> list[Path]:
 
 
 def targets(files: Sequence[Path], out: Path, ext: str) -> list[Path]:
-    """``out/<stem>.<ext>`` for each file; a repeated stem gets ``-2``, ``-3``... in input order."""
-    seen: dict[str, int] = {}
+    """``out/<stem>.<ext>`` for each file; a name already taken gets ``-2``, ``-3``... in input order,
+    so ``a.wav``, ``x/a.wav`` and ``a-2.wav`` never write to the same result."""
+    taken: set[str] = set()
     result = []
     for path in files:
-        n = seen[path.stem] = seen.get(path.stem, 0) + 1
-        result.append(out / (f"{path.stem}.{ext}" if n == 1 else f"{path.stem}-{n}.{ext}"))
+        name, n = f"{path.stem}.{ext}", 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}-{n}.{ext}"
+        taken.add(name)
+        result.append(out / name)
     return result
 
 

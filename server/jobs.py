@@ -647,7 +647,8 @@ class JobRunner:
                                                              "attempt": attempt})
                         return
                     error = f"HTTP {response.status_code}"
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # whatever fails an attempt (InvalidURL is no HTTPError) is retried
+                    # and recorded, never left as a delivery "sending" forever
                     error = f"{type(exc).__name__}: {exc}"[:200]
                 await asyncio.to_thread(self.store.record_webhook, job.id, "sending", attempt, error)
                 if attempt < self.settings.webhook_attempts:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import zipfile
+import zlib
 from pathlib import PurePosixPath
 from typing import IO, Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
+import httpx
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -94,7 +96,7 @@ def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int) -> tuple[list[
                                           param="files")
                 with archive.open(member) as source:  # sizes are enforced again while copying
                     staged.append(store.stage(member.filename, source, _suffix(base), limit=limit))
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as exc:
         store.discard(staged)
         raise InvalidRequest(f"{name!r} could not be unpacked: {exc}", param="files") from exc
     except BaseException:
@@ -104,11 +106,17 @@ def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int) -> tuple[list[
 
 
 def _webhook(url: str | None) -> str | None:
+    """Parsed here as the delivery will parse it: a URL httpx refuses later would never be called."""
     if not url:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
-        raise InvalidRequest("webhook_url must be an http:// or https:// URL", param="webhook_url")
+    try:
+        parsed = httpx.URL(url)
+        ok = (parsed.scheme in ("http", "https") and bool(parsed.host) and len(url) <= 2000
+              and (parsed.port is None or 0 < parsed.port < 65536))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise InvalidRequest("webhook_url must be a valid http:// or https:// URL", param="webhook_url")
     return url
 
 
@@ -149,7 +157,7 @@ async def list_jobs(
     ctx: CtxDep,
     status: Annotated[Status | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
     """Newest first."""
     store = await _existing_store(ctx)
@@ -175,8 +183,7 @@ async def get_result(ctx: CtxDep, job_id: str,
         raise JobNotFinished(f"job {job_id} is {job.status}{detail}; results exist once it is completed")
     result = await asyncio.to_thread(store.read_result, job)
     ext = "txt" if fmt == "text" else fmt
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in PurePosixPath(job.filename).stem)[:100]
-    headers = {"Content-Disposition": f'inline; filename="{stem or job.id}.{ext}"'}
+    headers = {"Content-Disposition": _disposition(PurePosixPath(job.filename).stem, job.id, ext)}
     if job.model_version:
         headers["X-Model-Version"] = job.model_version
     if ext == "json":
@@ -198,3 +205,13 @@ async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")
     return {"id": job_id, "action": action, "status": job.status if action == "cancelled" else "deleted"}
+
+
+def _disposition(stem: str, job_id: str, ext: str) -> str:
+    """An ASCII ``filename`` for old clients plus RFC 6266's UTF-8 ``filename*``: headers are Latin-1,
+    and a recording named in Chinese must not turn every result request into an error."""
+    plain = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem)[:100].strip("_")
+    value = f'inline; filename="{plain or job_id}.{ext}"'
+    if stem and not stem.isascii():
+        value += f"; filename*=UTF-8''{quote(f'{stem[:100]}.{ext}', safe='')}"
+    return value

@@ -82,6 +82,19 @@ def test_a_folder_becomes_batch_jobs_with_one_result_file_each(server_url: str, 
     assert sorted(j["filename"] for j in jobs["jobs"]) == ["review.wav", "standup.wav", "standup.wav"]
 
 
+def test_result_names_never_collide(server_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "calls"
+    (folder / "x").mkdir(parents=True)
+    for name, seed in (("a.wav", 1), ("x/a.wav", 2), ("a-2.wav", 3)):
+        (folder / name).write_bytes(synth.wav_bytes(synth.speech_like(1.2, seed=seed)))
+    out = tmp_path / "out"
+    done = voxswap("transcribe", folder / "a.wav", folder / "x" / "a.wav", folder / "a-2.wav",
+                   "--server", server_url, "--out", out, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    written = {p.name: json.loads(p.read_text())["duration_s"] for p in out.iterdir()}
+    assert sorted(written) == ["a-2-2.json", "a-2.json", "a.json"] and all(d == 1.2 for d in written.values())
+
+
 def test_many_files_as_srt(server_url: str, recordings: Path, tmp_path: Path) -> None:
     out = tmp_path / "subtitles"
     done = voxswap("transcribe", recordings / "monday" / "standup.wav", recordings / "tuesday" / "review.wav",
@@ -115,4 +128,8 @@ def test_mistakes_get_a_message_not_a_traceback(recordings: Path, tmp_path: Path
     empty.write_bytes(b"")
     done = voxswap("transcribe", empty, "--server", server_url)
     assert done.returncode == 1 and "empty_audio" in done.stderr
+    archive = tmp_path / "meetings.zip"
+    archive.write_bytes(b"PK\x03\x04")
+    done = voxswap("transcribe", archive, "--server", server_url, "--out", tmp_path / "o")
+    assert done.returncode == 1 and "unzip it" in done.stderr
     assert "Traceback" not in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,15 +178,38 @@ def test_bad_submissions_get_a_4xx_with_a_reason(jobs_client: TestClient, clip: 
     assert "no audio" in err["message"] and "a.txt" in err["message"]
     err = error(jobs_client.post("/api/jobs", files=[("files", ("broken.zip", b"PK\x03\x04 not really"))]), 400)
     assert "zip" in err["message"]
-    err = error(jobs_client.post("/api/jobs", files=[("files", ("a.wav", clip))],
-                                 data={"webhook_url": "file:///etc/passwd"}), 400)
-    assert err["param"] == "webhook_url"
+    err = error(jobs_client.post("/api/jobs", files=[("files", ("corrupt.zip", _corrupt_deflate_zip(clip)))]), 400)
+    assert "corrupt.zip" in err["message"]
+    for hook in ("file:///etc/passwd", "http://127.0.0.1:99999/hook", "http://[::1/hook"):
+        err = error(jobs_client.post("/api/jobs", files=[("files", ("a.wav", clip))], data={"webhook_url": hook}), 400)
+        assert err["param"] == "webhook_url", hook
+    assert error(jobs_client.get("/api/jobs", params={"offset": 10**20}), 400)["param"] == "offset"
     assert error(jobs_client.post("/api/jobs", files=[("files", ("a.wav", clip))], data={"language": "xx"}),
                  400)["param"] == "language"
     assert error(jobs_client.get("/api/jobs/0123456789abcdef0123456789abcdef"), 404)["code"] == "not_found"
     assert error(jobs_client.get("/api/jobs/../../etc"), 404)
     assert error(jobs_client.delete("/api/jobs/not-an-id"), 404)["code"] == "not_found"
     assert jobs_client.get("/api/jobs").json()["total"] == 0  # nothing half-submitted was kept
+
+
+def _corrupt_deflate_zip(clip: bytes) -> bytes:
+    """A zip whose directory is fine but whose compressed data is garbage (a damaged download)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.wav", clip)
+    data = bytearray(buf.getvalue())
+    for i in range(40, 80):  # inside the first member's deflate stream, after its 35-byte header
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def test_a_result_named_in_chinese_downloads_with_its_name(jobs_client: TestClient, clip: bytes) -> None:
+    [job] = submit(jobs_client, [("会议录音 1.wav", clip)])
+    wait_for_jobs(jobs_client, [job["id"]])
+    r = jobs_client.get(f"/api/jobs/{job['id']}/result", params={"format": "srt"})
+    assert r.status_code == 200 and TEXT_A in r.text
+    assert r.headers["content-disposition"] == (
+        "inline; filename=\"1.srt\"; filename*=UTF-8''%E4%BC%9A%E8%AE%AE%E5%BD%95%E9%9F%B3%201.srt")
 
 
 def test_a_file_that_is_not_audio_fails_with_the_reason(jobs_client: TestClient) -> None:
