@@ -24,7 +24,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 class UpdateRequest(BaseModel):
     version: str = Field(min_length=1, max_length=64)
-    expected_current: str | None = Field(default=None, description="409 unless this is the live version")
+    expected_current: str | None = Field(default=None, description="409 unless this is the current (committed) version")
     watch_seconds: float | None = Field(default=None, ge=0, le=3600,
                                         description="watch the new version this long; roll back if worse")
 

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"[{i}/{len(instances)}] {inst.url}: already serves {args.version}")
                 continue
             _upgrade(inst, args.version, args.watch_seconds, args.timeout, clip, say, f"[{i}/{len(instances)}]")
-    except (DeployError, httpx.HTTPError) as exc:
+    except (DeployError, httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
         say(f"FAILED: {exc}")
         _roll_back(instances, args.version, say)
         _report(instances, args.version, say, ok=False)
@@ -173,7 +173,7 @@ def _wait_converged(c: httpx.Client, inst: Instance, version: str, timeout_s: fl
         try:
             status = c.get("/api/system/status").json()
             ready = c.get("/health/ready").status_code == 200
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             last = str(exc)
         else:
             versions = {w["version"] for w in status.get("workers", [])} or {status.get("model_version")}
@@ -200,21 +200,39 @@ def _watch_numbers(verdict: dict[str, Any]) -> str:
            f"{new.get('empty_rate', 0):.1%} empty, p95 {new.get('p95_ms')} ms)"
 
 
-def _roll_back(instances: list[Instance], version: str, say: Any) -> None:
+def _roll_back(instances: list[Instance], version: str, say: Any, *, patience_s: float = 120.0) -> None:
+    """Every upgraded instance back to its version from before the deploy, each on its own: one
+    that cannot be reached is reported and the others are still restored."""
     for inst in instances:
-        if not inst.upgraded or inst.before is None:
-            continue
-        with inst.client() as c:
-            r = c.post("/admin/model/update", json={"version": inst.before, "expected_current": version})
-        if r.status_code == 200:
-            inst.notes.append(f"rolled back to {inst.before}")
-            say(f"rollback {inst.url}: back on {inst.before}")
-        elif r.status_code == 409:
-            inst.notes.append(f"not on {version} any more (its watch rolled it back); left alone")
-            say(f"rollback {inst.url}: no longer on {version}; left alone")
-        else:
-            inst.notes.append(f"ROLLBACK FAILED: {r.status_code} {r.text[:200]}")
-            say(f"rollback {inst.url}: FAILED {r.status_code} {r.text[:200]}")
+        if inst.upgraded and inst.before is not None:
+            note = _restore(inst, version, patience_s)
+            inst.notes.append(note)
+            say(f"rollback {inst.url}: {note}")
+
+
+def _restore(inst: Instance, version: str, patience_s: float) -> str:
+    """No watch on the way back (it would judge the old version against the new one and could
+    undo the rollback); ``expected_current`` leaves alone an instance its own watch rolled back."""
+    assert inst.before is not None
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            with inst.client() as c:
+                r = c.post("/admin/model/update", json={"version": inst.before, "expected_current": version,
+                                                         "watch_seconds": 0})
+            code = _error_code(r)
+            if r.status_code == 200:
+                return f"rolled back to {inst.before}"
+            if code == "unexpected_current":
+                return f"no longer on {version}, left alone ({_error_message(r)})"
+            problem = f"{r.status_code} {code or ''}: {_error_message(r)}"
+            if code != "swap_in_progress" and r.status_code < 500:
+                return f"ROLLBACK FAILED: {problem}"
+        except (httpx.HTTPError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            return f"ROLLBACK FAILED after {patience_s:g} s: {problem}"
+        time.sleep(1.0)  # a swap still running there, or the instance briefly unreachable
 
 
 def _report(instances: list[Instance], version: str, say: Any, *, ok: bool) -> None:
@@ -240,11 +258,21 @@ def _smoke_clip(model_dir: Path | None) -> tuple[bytes, str | None]:
 
 def _ok(r: httpx.Response, inst: Instance, what: str) -> None:
     if r.status_code >= 300:
-        try:
-            message = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = r.text[:300]
-        raise DeployError(f"{inst.url}: {what} answered {r.status_code}: {message}")
+        raise DeployError(f"{inst.url}: {what} answered {r.status_code}: {_error_message(r)}")
+
+
+def _error_code(r: httpx.Response) -> str | None:
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return r.text[:300]
 
 
 if __name__ == "__main__":

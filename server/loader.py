@@ -241,19 +241,24 @@ class ModelLoader:
         With ``commit_registry`` (promote, rollback) this process coordinates a two-phase rollout:
         every live worker sharing the registry stages the version first, and the registry pointer
         moves only when all of them are ready. Without it (following the registry, reload, load)
-        only this process changes.
+        only this process changes. ``expected_current`` is compared with what the swap changes: the
+        registry's current version with ``commit_registry`` (a worker that lags behind it must not
+        turn a safe retry into a 409), else this process's live version.
         """
         if not self._swap_lock.acquire(blocking=False):
             raise SwapInProgress("another swap is running; retry when it has finished", retry_after=2)
         try:
             live_before = self.live_version
-            if expected_current is not ANY_CURRENT and live_before != expected_current:
-                raise UnexpectedCurrent(
-                    f"live version is {live_before!r}, not {expected_current!r}; nothing changed"
-                )
+            committed = self.registry.state().current
+            if expected_current is not ANY_CURRENT:
+                actual, what = (committed, "current") if commit_registry else (live_before, "live")
+                if actual != expected_current:
+                    raise UnexpectedCurrent(f"{what} version is {actual!r}, not {expected_current!r}; nothing changed")
             report = SwapReport(version=version, from_version=live_before, event=event)
-            body = self._coordinated if commit_registry else self._local
-            self._run(report, actor, lambda: body(report, actor))
+            if commit_registry:
+                self._run(report, actor, lambda: self._coordinated(report, actor, committed))
+            else:
+                self._run(report, actor, lambda: self._local(report, actor))
         finally:
             self._swap_lock.release()
         seconds = self.settings.watch_seconds if watch_seconds is None else watch_seconds
@@ -305,7 +310,9 @@ class ModelLoader:
         candidate = self._build(report.version, report)
         self._commit_local(candidate, report, started)
 
-    def _coordinated(self, report: SwapReport, actor: str) -> None:
+    def _coordinated(self, report: SwapReport, actor: str, committed: str | None) -> None:
+        """``committed``: the registry's current version when the swap began, which the commit
+        expects to find (compare-and-swap: a promote that landed meanwhile aborts this one)."""
         started = time.perf_counter()
         rollout = self.board.begin(report.version, report.from_version, self.settings.rollout_timeout_s)
         try:
@@ -322,9 +329,8 @@ class ModelLoader:
                 self.board.set_phase(rollout, "aborted", failure.message)
                 self._discard_candidate()
                 raise failure
-            expected = report.from_version if report.from_version is not None else self.registry.state().current
             try:
-                state = self.registry.promote(report.version, expected_current=expected, actor=actor,
+                state = self.registry.promote(report.version, expected_current=committed, actor=actor,
                                               event=report.event, details={"timings": report.to_json()["timings"]})
             except UnexpectedCurrent:
                 self.board.set_phase(rollout, "aborted", "the registry changed underneath the rollout")

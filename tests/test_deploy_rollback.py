@@ -1,0 +1,61 @@
+"""deploy.sh's rollback against real servers in this process: what it restores stays restored."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from server.app import create_app
+from server.registry import Registry
+from server.settings import Settings
+from server.testing import synth
+from server.testing.harness import LoadGenerator, serve_in_thread, wait_until
+from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy.sh"
+
+
+def _settings(reg: Registry) -> Settings:
+    # an operator who turned the post-swap watch on for every swap, not only deploy's
+    return Settings(registry=reg.root, admin_token=TOKEN, seed_demo=False, watch_interval_s=0.05,  # type: ignore[arg-type]
+                    watch_seconds=3, watch_min_requests=5)
+
+
+def test_a_failed_deploy_restores_the_old_version_and_no_watch_undoes_it(
+    tmp_path: Path, model_dir: Callable[..., Path]
+) -> None:
+    """The old version is much slower than the new one, so a watch started by the rollback itself
+    would judge it worse and swap the new version back in after the deploy reported it restored."""
+    first = Registry(tmp_path / "first").ensure()
+    first.add(model_dir(TEXT_A, compute_ms=300), "old")
+    first.add(model_dir(TEXT_B), "new")
+    first.promote("old")
+    second = Registry(tmp_path / "second").ensure()
+    second.add(model_dir(TEXT_A), "old")
+    broken = shutil.copytree(model_dir(TEXT_B), tmp_path / "broken")
+    shutil.rmtree(broken / "smoke")
+    golden = tmp_path / "golden.wav"
+    golden.write_bytes(synth.wav_bytes(synth.speech_like(1.5, seed=4)))
+    second.add(broken, "new", smoke=[(golden, "a sentence this model never says")])  # fails its smoke test
+    second.promote("old")
+    clip = synth.wav_bytes(synth.speech_like(1.0))
+    with serve_in_thread(create_app(_settings(first))) as one, serve_in_thread(create_app(_settings(second))) as two, \
+            LoadGenerator(one, clip, concurrency=2) as load:
+        wait_until(lambda: load.count() >= 10, timeout_s=60, message="traffic on the first instance")
+        done = subprocess.run([str(DEPLOY), "--instances", f"{one},{two}", "--version", "new", "--token", TOKEN,
+                               "--watch-seconds", "1"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "smoke" in done.stdout and "rolled back to old" in done.stdout, done.stdout
+        settled = load.count()
+        time.sleep(4)  # longer than the servers' own 3 s watch, under traffic
+        assert load.count() > settled + 5
+        status = httpx.get(f"{one}/api/system/status").json()
+        watch = httpx.get(f"{one}/admin/model/watch", headers=AUTH).json()["watch"]
+    assert (status["model_version"], first.state().current) == ("old", "old"), watch
+    assert second.state().current == "old"
+    assert load.failures() == []
