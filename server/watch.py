@@ -25,10 +25,12 @@ from server.registry import write_json_atomic
 
 if TYPE_CHECKING:
     from server.loader import ModelLoader
+    from server.settings import Settings
 
 log = logging.getLogger("voxswap.watch")
 KEEP_S = 600.0
 LATENCY_SAMPLES = 256
+ALL_EMPTY = 0.95  # with no traffic before the swap to compare with, only this empty share is damning
 
 
 @dataclass
@@ -107,6 +109,31 @@ def aggregate(summaries: list[dict[str, dict[str, Any]]], version: str, since: f
     return window
 
 
+def judge(new: Window, old: Window, s: Settings) -> str | None:
+    """The reason to roll back, or None. Needs ``watch_min_requests`` answers from the new version.
+
+    The old version's rates count only when it answered as many before the swap: a handful of
+    requests (or none, after a quiet minute) is no baseline. Without one, errors are compared
+    with zero, an empty share only when nearly every answer is empty (silence is normal
+    traffic), and latency not at all.
+    """
+    if new.requests < s.watch_min_requests:
+        return None
+    baseline = old.requests >= s.watch_min_requests
+    old_errors = old.error_rate if baseline else 0.0
+    if new.error_rate > old_errors + s.watch_max_error_rate_increase:
+        return f"error rate {new.error_rate:.1%} vs {old_errors:.1%} before the swap"
+    if baseline and new.empty_rate > old.empty_rate + s.watch_max_empty_rate_increase:
+        return f"empty transcripts {new.empty_rate:.1%} vs {old.empty_rate:.1%} before the swap"
+    if not baseline and new.empty_rate >= ALL_EMPTY:
+        return f"empty transcripts {new.empty_rate:.1%} (no traffic before the swap to compare with)"
+    new_p95, old_p95 = new.p95_s, old.p95_s
+    if new_p95 is not None and old_p95 is not None and baseline \
+            and new_p95 > old_p95 * s.watch_max_latency_ratio and new_p95 - old_p95 > 0.05:
+        return f"p95 latency {new_p95 * 1000:.0f} ms vs {old_p95 * 1000:.0f} ms before the swap"
+    return None
+
+
 @dataclass
 class WatchState:
     version: str
@@ -147,7 +174,10 @@ class PostSwapWatch:
         return state
 
     def _run(self, state: WatchState) -> None:
+        # the baseline is taken once, now: heartbeats keep only KEEP_S of samples, and a long watch
+        # would otherwise see the old version's numbers age away and compare with nothing
         baseline_from = state.started_at - max(60.0, state.until - state.started_at)
+        old = aggregate(self.loader.stats_of_all_workers(), state.previous, baseline_from, state.started_at)
         while True:
             time.sleep(0.25)
             if self.loader.live_version != state.version:
@@ -155,9 +185,8 @@ class PostSwapWatch:
                 return
             summaries = self.loader.stats_of_all_workers()
             new = aggregate(summaries, state.version, state.started_at, time.time() + 1)
-            old = aggregate(summaries, state.previous, baseline_from, state.started_at)
             state.new, state.old = new.to_json(), old.to_json()
-            verdict = self.judge(new, old)
+            verdict = judge(new, old, self.settings)
             if verdict is not None:
                 self._roll_back(state, verdict)
                 return
@@ -169,21 +198,6 @@ class PostSwapWatch:
                     self._finish(state, "passed", "")
                 return
             write_json_atomic(self.path, state.to_json())
-
-    def judge(self, new: Window, old: Window) -> str | None:
-        """The reason to roll back, or None. Needs ``watch_min_requests`` answers from the new version."""
-        s = self.settings
-        if new.requests < s.watch_min_requests:
-            return None
-        if new.error_rate > old.error_rate + s.watch_max_error_rate_increase:
-            return f"error rate {new.error_rate:.1%} vs {old.error_rate:.1%} before the swap"
-        if new.empty_rate > old.empty_rate + s.watch_max_empty_rate_increase:
-            return f"empty transcripts {new.empty_rate:.1%} vs {old.empty_rate:.1%} before the swap"
-        new_p95, old_p95 = new.p95_s, old.p95_s
-        if new_p95 is not None and old_p95 is not None and old.requests >= s.watch_min_requests \
-                and new_p95 > old_p95 * s.watch_max_latency_ratio and new_p95 - old_p95 > 0.05:
-            return f"p95 latency {new_p95 * 1000:.0f} ms vs {old_p95 * 1000:.0f} ms before the swap"
-        return None
 
     def _roll_back(self, state: WatchState, reason: str) -> None:
         log.warning("watch failed; rolling back", extra={"event": "auto_rollback", "version": state.version,

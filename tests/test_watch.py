@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from server.registry import Registry
 from server.settings import Settings
 from server.testing import synth
 from server.testing.harness import LoadGenerator, serve_in_thread, wait_until
+from server.watch import VersionStats, Window, aggregate, judge
 from tests.conftest import AUTH, TEXT_A, TEXT_B
 
 
@@ -57,3 +59,29 @@ def test_a_good_version_passes_the_watch_and_stays(registry: Registry, settings:
     assert verdict["state"] == "passed", verdict
     assert registry.state().current == "b" and load.outcomes[-1].text == TEXT_B
     assert load.failures() == []
+
+
+def _window(requests: int, *, errors: int = 0, empty: int = 0, latency_s: float = 0.05) -> Window:
+    """What ``requests`` answers of one version look like to a watch, through the real bookkeeping."""
+    stats = VersionStats()
+    for i in range(requests):
+        stats.record("v", ok=i >= errors, empty=errors <= i < errors + empty, latency_s=latency_s)
+    return aggregate([stats.summary()], "v", 0, time.time() + 1)
+
+
+def test_the_watch_verdicts_need_a_baseline_before_they_compare() -> None:
+    rules = Settings(watch_min_requests=10)
+    quiet = _window(0)  # nobody called the old version in the minute before the swap
+    # a good version whose traffic has its usual quarter of silence is not mistaken for a mute one
+    assert judge(_window(40, empty=10), quiet, rules) is None
+    assert judge(_window(40, empty=10), _window(40, empty=10), rules) is None
+    assert judge(_window(40, empty=40), quiet, rules) == (
+        "empty transcripts 100.0% (no traffic before the swap to compare with)")
+    assert "empty transcripts 75.0% vs 25.0%" in str(judge(_window(40, empty=30), _window(40, empty=10), rules))
+    # three failures among three old requests are no baseline that excuses a failing new version
+    assert "error rate 50.0% vs 0.0%" in str(judge(_window(40, errors=20), _window(3, errors=3), rules))
+    # latency is compared only with a baseline, and a small absolute difference is never enough
+    assert judge(_window(40, latency_s=0.9), quiet, rules) is None
+    assert "p95 latency 900 ms vs 100 ms" in str(judge(_window(40, latency_s=0.9), _window(40, latency_s=0.1), rules))
+    assert judge(_window(40, latency_s=0.03), _window(40, latency_s=0.01), rules) is None
+    assert judge(_window(9, errors=9), quiet, rules) is None  # too few answers from the new version yet
