@@ -27,10 +27,11 @@ def render_config(template: Path, upstream_ports: list[int], listen_port: int, w
     """The operator's config with only what a sandbox needs changed: ports, pid, logs, temp paths."""
     text = template.read_text()
     servers = "".join(f"        server 127.0.0.1:{p} max_fails=3 fail_timeout=5s;\n" for p in upstream_ports)
-    text, n = re.subn(r"(upstream voxswap \{\n)(?:.*\n)*?(\s*keepalive)", lambda m: m.group(1) + servers + m.group(2),
-                      text)
-    if n != 1:
-        raise ValueError("deploy/nginx.conf has no 'upstream voxswap { ... keepalive' block")
+    # every upstream block lists the same instances: the pool, and the one batch jobs stick to
+    text, n = re.subn(r"(upstream voxswap\w* \{\n(?:\s*(?:hash|#).*\n)*)(?:\s*server .*\n)+",
+                      lambda m: m.group(1) + servers, text)
+    if n != 2:
+        raise ValueError("deploy/nginx.conf should have the 'voxswap' and 'voxswap_jobs' upstream blocks")
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
     temp = "\n".join(f"    {d}_temp_path {workdir}/{d};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     text = text.replace("http {\n", f"http {{\n    access_log {workdir}/access.log;\n{temp}\n", 1)

@@ -100,6 +100,7 @@ def start_server(
         "HOME": str(home),
         "VOXSWAP_ADMIN_TOKEN": token,
         "VOXSWAP_SEED_DEMO": "false",
+        "VOXSWAP_DATA_DIR": str(workdir / "data"),  # each instance its own jobs, as on separate hosts
         "VOXSWAP_SHUTDOWN_DELAY_S": "1",
         "VOXSWAP_DRAIN_TIMEOUT_S": "30",
         "VOXSWAP_WATCH_INTERVAL_S": "0.1",

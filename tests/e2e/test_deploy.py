@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.registry import Registry
@@ -98,7 +99,29 @@ def test_3_a_version_the_watch_finds_bad_is_rolled_back_everywhere(fleet: Fleet,
     assert load.failures() == []
 
 
-def test_4_sigterm_of_one_instance_under_load_fails_no_request_through_nginx(
+def test_4_a_batch_job_submitted_through_nginx_is_followed_to_its_result_through_nginx(fleet: Fleet) -> None:
+    """Each instance keeps its jobs in its own data dir: without routing a client's job calls to
+    one instance, two polls in three would reach an instance that never heard of the job."""
+    clip = synth.wav_bytes(synth.speech_like(1.5, seed=5))
+    r = httpx.post(f"{fleet.lb}/api/jobs", files=[("files", ("call.wav", clip))], timeout=60)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["jobs"][0]["id"]
+    polls: list[int] = []
+
+    def completed() -> bool:
+        answer = httpx.get(f"{fleet.lb}/api/jobs/{job_id}", timeout=10)
+        polls.append(answer.status_code)
+        return answer.status_code == 200 and answer.json()["status"] == "completed"
+
+    wait_until(completed, timeout_s=60, interval_s=0.05, message="the job to complete")
+    for _ in range(6):
+        result = httpx.get(f"{fleet.lb}/api/jobs/{job_id}/result", params={"format": "txt"}, timeout=10)
+        polls.append(result.status_code)
+        assert result.text == TEXT["b"] + "\n"
+    assert set(polls) == {200} and len(polls) >= 7
+
+
+def test_5_sigterm_of_one_instance_under_load_fails_no_request_through_nginx(
     fleet: Fleet, load: LoadGenerator
 ) -> None:
     victim = fleet.instances[2]
