@@ -201,7 +201,8 @@ class JobStore:
         db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed transaction
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit; a power
+            # loss may lose the last few, which FULL would keep at an fsync per commit
             yield db
         finally:
             db.close()
