@@ -163,7 +163,9 @@ async def _heartbeat(ctx: AppContext) -> None:
                 await asyncio.to_thread(ctx.loader.board.sweep)
         except Exception:
             log.exception("heartbeat failed", extra={"event": "heartbeat_error"})
-        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling:
+        # a watch runs in the process that swapped, which is the one a swap pushes over budget:
+        # recycling it mid-watch would leave the verdict at "watching" for good
+        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not ctx.loader.watch.running:
             await asyncio.to_thread(_try_recycle, ctx)
         beats += 1
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)

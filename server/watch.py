@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -156,6 +157,10 @@ class PostSwapWatch:
         self.path = loader.registry.root / "watch.json"
         self._thread: threading.Thread | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def current(self) -> dict[str, Any] | None:
         try:
             data: dict[str, Any] = json.loads(self.path.read_text())
@@ -168,7 +173,8 @@ class PostSwapWatch:
         state = WatchState(version=version, previous=previous, state="watching", started_at=now,
                            until=now + seconds)
         write_json_atomic(self.path, state.to_json())
-        self.loader.registry.record("watch_start", version=version, previous=previous, seconds=seconds)
+        self.loader.registry.record("watch_start", version=version, previous=previous, seconds=seconds,
+                                    pid=os.getpid())
         self._thread = threading.Thread(target=self._run, args=(state,), name="voxswap-watch", daemon=True)
         self._thread.start()
         return state

@@ -198,16 +198,23 @@ def test_workers_over_their_memory_budget_are_recycled_one_at_a_time(
     before = set(server.worker_versions())
     clip = synth.wav_bytes(synth.speech_like(1.0))
     with LoadGenerator(server.url, clip, concurrency=2) as load:
-        assert server.update("b").status_code == 200
+        wait_until(lambda: load.count() >= 10, message="a baseline for the watch")
+        assert server.update("b", watch_seconds=3).status_code == 200
 
         def recycled() -> bool:
             versions = server.worker_versions()
             return len(versions) == 2 and not (set(versions) & before) and set(versions.values()) == {"b"}
 
         wait_until(recycled, timeout_s=120, message="both workers recycled and back on b")
-    recycles = [e for e in reg.history() if e["event"] == "recycle"]
+    events = reg.history()
+    recycles = [e for e in events if e["event"] == "recycle"]
     assert sorted(e["pid"] for e in recycles) == sorted(before)
     assert all("exceeds the 1 MiB budget" in e["reason"] for e in recycles)
+    # the worker that swapped (and watched) was recycled only after the watch's verdict
+    watcher = next(e["pid"] for e in events if e["event"] == "watch_start")
+    verdict = next(i for i, e in enumerate(events) if e["event"].startswith("watch_") and e["event"] != "watch_start")
+    assert events[verdict]["event"] == "watch_passed"
+    assert next(i for i, e in enumerate(events) if e["event"] == "recycle" and e["pid"] == watcher) > verdict
     assert load.failures() == []
 
 
