@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import Timeout
+from pydantic import ValidationError
+
 from server.errors import VoxswapError
 
 
@@ -26,6 +29,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VoxswapError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `voxswap registry list --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ValidationError as exc:
+        print(f"error: invalid setting: {_setting_errors(exc)}", file=sys.stderr)
+        return 2
+    except Timeout as exc:
+        print(f"error: the registry is locked by another process ({exc.lock_file}); try again", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as exc:  # a path that is no folder, a damaged registry file
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _setting_errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +154,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     configure_logging(settings.log_level, settings.log_format, settings.log_file,
                       max_mb=settings.log_max_mb, backups=settings.log_backups)
+    from server.registry import Registry
     from server.serving import run_gunicorn, serve_single
+
+    Registry(settings.registry).ensure()  # a registry path that is a file fails here, not in every worker
 
     return run_gunicorn(settings) if settings.workers > 1 else serve_single(settings)
 

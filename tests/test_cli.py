@@ -116,3 +116,25 @@ def test_start_up_with_a_broken_current_falls_back_to_previous(
         assert httpx.get(f"{url}/health").json()["model_version"] == "a"
     assert registry.state().current == "a"
     assert registry.history()[-1]["event"] == "refused"
+
+
+def test_bad_input_gets_a_one_line_error_not_a_traceback(tmp_path: Path, registry: Registry) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a registry")
+    (registry.root / "state.json").chmod(0o644)
+    cases = [
+        (["serve", "--port", "99999"], 2, "port: Input should be less than or equal to 65535"),
+        (["serve", "--registry", str(a_file)], 1, "Not a directory"),
+        (["serve", "--log-level", "LOUD", "--registry", str(tmp_path / "r")], 1, "Unknown level: 'LOUD'"),
+        (["registry", "list", "--registry", str(a_file)], 1, "Not a directory"),
+        (["registry", "export", "a", str(tmp_path / "missing" / "a.tgz"), "--registry", str(registry.root)], 1,
+         "No such file or directory"),
+        (["make-test-model", str(a_file / "m"), "--text", "hi"], 1, "Not a directory"),
+    ]
+    for args, status, message in cases:
+        r = subprocess.run([*VOXSWAP, *args], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, "Traceback" in r.stderr) == (status, False), (args, r.stderr)
+        assert r.stderr.startswith("error: ") and message in r.stderr, (args, r.stderr)
+    (registry.root / "state.json").write_text("{damaged")
+    r = cli("registry", "list", registry=registry.root)
+    assert r.returncode == 1 and "JSONDecodeError" in r.stderr and "Traceback" not in r.stderr
