@@ -43,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _setting_errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
 
@@ -111,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     rb.set_defaults(func=_registry_rollback)
     hist = rsub.add_parser("history", help="print the audit log")
     _registry_arg(hist)
-    hist.add_argument("--limit", type=int, default=50)
+    hist.add_argument("--limit", type=_positive, default=50, help="the newest N events (default %(default)s)")
     hist.set_defaults(func=_registry_history)
     exp = rsub.add_parser("export", help="write a version as tar.gz (for upload to another instance)")
     _registry_arg(exp)

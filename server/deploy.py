@@ -62,12 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action = "already on it, skip" if inst.before == args.version else \
             ("update" if inst.has_version else "upload, then update")
         say(f"  {i}. {inst.url}: live {inst.before!r} -> {args.version!r}: {action}")
-    if args.dry_run:
-        return 0
     missing = [inst for inst in instances if not inst.has_version]
     if missing and not args.model_dir:
         say(f"{len(missing)} instance(s) lack {args.version!r}; give --model-dir to upload it")
         return 2
+    if args.dry_run:
+        return 0
     clip = _smoke_clip(Path(args.model_dir) if args.model_dir else None)
     started = time.monotonic()
     try:

@@ -32,7 +32,14 @@ from typing import Any
 
 from filelock import FileLock
 
-from server.errors import Conflict, NotFound, RegistryError, UnexpectedCurrent, VerificationFailed
+from server.errors import (
+    Conflict,
+    NotFound,
+    RegistryError,
+    UnexpectedCurrent,
+    VerificationFailed,
+    VoxswapError,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MODEL_FILES = ("model_quant.onnx", "model.onnx")
@@ -326,7 +333,9 @@ class Registry:
                     path = _inside(folder, entry["path"])
                     if not path.is_file() or sha256_file(path) != entry["sha256"]:
                         raise VerificationFailed(f"upload: {entry['path']} does not match its checksum")
-            smoke = [(_inside(folder, c.audio), c.text) for c in sent.smoke] if sent else []
+            # clips in the folder's own smoke/ (an exported version's) are found there again
+            smoke = [(_inside(folder, c.audio), c.text) for c in (sent.smoke if sent else [])
+                     if not (c.audio.startswith("smoke/") and (folder / c.audio).with_suffix(".txt").is_file())]
             return self.add(folder, name, smoke=smoke, source=sent.source if sent else "upload",
                             metadata=sent.metadata if sent else {}, actor=actor)
         except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
@@ -344,10 +353,11 @@ class Registry:
             target.with_suffix(".txt").write_text(text.strip() + "\n")
         clips = []
         if smoke_dir.is_dir():
-            for audio in sorted(smoke_dir.iterdir()):
-                transcript = audio.with_suffix(".txt")
-                if audio.suffix.lower() in AUDIO_SUFFIXES and transcript.is_file():
-                    clips.append(SmokeClip(audio=f"smoke/{audio.name}", text=transcript.read_text().strip()))
+            for clip in sorted(smoke_dir.iterdir()):
+                transcript = clip.with_suffix(".txt")
+                if clip.suffix.lower() in AUDIO_SUFFIXES and transcript.is_file():
+                    _check_clip(clip)
+                    clips.append(SmokeClip(audio=f"smoke/{clip.name}", text=transcript.read_text().strip()))
         return clips
 
     def promote(
@@ -458,6 +468,16 @@ class Registry:
         with tarfile.open(out, "w:gz") as tar:
             tar.add(root, arcname=name)
         return out
+
+
+def _check_clip(path: Path) -> None:
+    """A golden clip that does not decode would only be found at promote time: refuse it at add."""
+    from server import audio
+
+    try:
+        audio.decode(path.read_bytes(), max_seconds=3600)
+    except VoxswapError as exc:
+        raise RegistryError(f"smoke clip {path.name}: {exc.message}", param="smoke_audio") from exc
 
 
 def _inside(folder: Path, relative: str) -> Path:

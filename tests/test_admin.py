@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.errors import RegistryError
 from server.registry import Registry
 from server.settings import Settings
 from tests.conftest import AUTH, TEXT_A, TEXT_B
@@ -169,6 +170,7 @@ def test_upload_and_remove_versions(client: TestClient, registry: Registry, tmp_
                     files={"file": ("b.tar.gz", archive.read_bytes(), "application/gzip")}, headers=AUTH)
     assert r.status_code == 201, r.text
     assert registry.verify("b2").name == "b2"
+    assert len(registry.manifest("b2").smoke) == len(registry.manifest("b").smoke) == 1  # not doubled
     assert client.delete("/admin/model/versions/a", headers=AUTH).status_code == 409  # loaded
     assert client.delete("/admin/model/versions/b2", headers=AUTH).status_code == 200
     assert client.delete("/admin/model/versions/b2", headers=AUTH).status_code == 404
@@ -259,13 +261,15 @@ def test_hostile_or_broken_uploads_are_400_and_leave_nothing(client: TestClient,
     assert client.get("/api/system/status").json()["model_version"] == "a"
 
 
-def test_a_version_whose_smoke_clip_does_not_decode_fails_its_smoke_test(
-    client: TestClient, registry: Registry, model_dir: Callable[..., Path], tmp_path: Path, speech_wav: bytes
+def test_a_smoke_clip_that_does_not_decode_is_refused_when_the_version_is_added(
+    client: TestClient, registry: Registry, model_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
     bad_clip = tmp_path / "clip.wav"
     bad_clip.write_bytes(b"this is not audio at all" * 10)
-    registry.add(model_dir(TEXT_B), "badclip", smoke=[(bad_clip, TEXT_B)])
-    _refused(client, registry, "badclip", "smoke_failed", speech_wav)
+    with pytest.raises(RegistryError, match=r"smoke clip given-0\.wav: the file is not audio"):
+        registry.add(model_dir(TEXT_B), "badclip", smoke=[(bad_clip, TEXT_B)])
+    assert not (registry.versions_dir / "badclip").exists() and not list(registry.staging_dir.iterdir())
+    assert client.post("/admin/model/update", json={"version": "badclip"}, headers=AUTH).status_code == 404
 
 
 def test_a_current_version_that_vanished_from_disk_is_reverted_not_served(

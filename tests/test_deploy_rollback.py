@@ -59,3 +59,14 @@ def test_a_failed_deploy_restores_the_old_version_and_no_watch_undoes_it(
     assert (status["model_version"], first.state().current) == ("old", "old"), watch
     assert second.state().current == "old"
     assert load.failures() == []
+
+
+def test_a_dry_run_says_when_the_real_run_could_not_upload(registry: Registry, settings: Settings) -> None:
+    with serve_in_thread(create_app(settings)) as url:
+        plan = subprocess.run([str(DEPLOY), "--instances", url, "--version", "b", "--token", TOKEN, "--dry-run"],
+                              capture_output=True, text=True, timeout=120)
+        assert plan.returncode == 0 and "live 'a' -> 'b': update" in plan.stdout, plan.stdout
+        plan = subprocess.run([str(DEPLOY), "--instances", url, "--version", "nope", "--token", TOKEN,
+                               "--dry-run"], capture_output=True, text=True, timeout=120)
+        assert plan.returncode == 2 and "lack 'nope'; give --model-dir" in plan.stdout, plan.stdout
+    assert registry.state().current == "a"
