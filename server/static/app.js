@@ -6,6 +6,7 @@
   const POLL_MS = 2500;
   const HIDDEN_POLL_MS = 15000; // a background tab still notices a swap, without the load
   const JOBS_RECHECK_MS = 60000; // after a 404, look for the jobs API again now and then
+  const READ_TIMEOUT_MS = 8000; // a poll that hangs longer means the server is not answering
   const CHART_POINTS = 60;
   const HISTORY_LIMIT = 20;
   const TOKEN_KEY = "voxswap.adminToken";
@@ -61,6 +62,8 @@
 
   // -- the API ----------------------------------------------------------------------------------
 
+  // Reads give up after READ_TIMEOUT_MS, so a hung server shows as offline instead of freezing the
+  // page on its last state; actions (an update waits for a whole swap) wait as long as they take.
   async function api(path, { method = "GET", json, form, admin = false, withToken } = {}) {
     const headers = {};
     const secret = withToken !== undefined ? withToken : (admin ? token() : "");
@@ -68,17 +71,19 @@
     let body;
     if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
     else if (form) body = form;
+    const signal = method === "GET" ? AbortSignal.timeout(READ_TIMEOUT_MS) : undefined;
     let res;
-    try {
-      res = await fetch(path, { method, headers, body, cache: "no-store" });
-    } catch {
-      return { ok: false, status: 0, data: null, message: "the server cannot be reached" };
-    }
     let data = null;
-    if ((res.headers.get("content-type") || "").includes("json")) {
-      try { data = await res.json(); } catch { data = null; }
-    } else {
-      data = await res.text();
+    try {
+      res = await fetch(path, { method, headers, body, cache: "no-store", signal });
+      if ((res.headers.get("content-type") || "").includes("json")) {
+        try { data = await res.json(); } catch (err) { if (err.name === "TimeoutError") throw err; data = null; }
+      } else {
+        data = await res.text();
+      }
+    } catch (err) {
+      const why = err && err.name === "TimeoutError" ? "the server did not answer in time" : "the server cannot be reached";
+      return { ok: false, status: 0, data: null, message: why };
     }
     if (res.ok) return { ok: true, status: res.status, data };
     return { ok: false, status: res.status, data, message: errorMessage(res, data) };
@@ -229,14 +234,13 @@
       else if (picked === s.model_version) why.update = `${picked} is already live`;
       if (!s.previous_version) why.rollback = "no previous version";
     } else {
+      // nothing is served: Load brings the current version back, and Update or Roll back move to
+      // another one directly (an operator who unloaded a bad version need not load it again)
       why.unload = "no model loaded";
-      why.reload = "load the model first";
-      why.rollback = "load the model first";
-      if (s.registry_current) why.update = "load the model first";
-      else {
-        why.load = "no version is current: use Update";
-        if (!picked) why.update = "the registry has no versions";
-      }
+      why.reload = "nothing to reload: use Load";
+      if (!s.previous_version) why.rollback = "no previous version";
+      if (!picked) why.update = s.registry_current ? "no version to update to" : "the registry has no versions";
+      if (!s.registry_current) why.load = "no version is current: use Update";
     }
     return { all: null, each: why };
   }
@@ -515,7 +519,12 @@
     const r = await api("/api/jobs", { admin: Boolean(token()) });
     if (r.status === 404) { jobsAbsentAt = Date.now(); $("jobs-card").hidden = true; return; }
     jobsAbsentAt = 0;
-    if (!r.ok || !r.data || !Array.isArray(r.data.jobs)) return;
+    if (!r.ok || !r.data || !Array.isArray(r.data.jobs)) {
+      $("jobs-note").textContent = `Could not refresh: ${r.message || "unexpected answer"}.`;
+      $("jobs-note").hidden = false;
+      return;
+    }
+    $("jobs-note").hidden = true;
     $("jobs-card").hidden = false;
     const jobs = r.data.jobs;
     $("jobs-empty").hidden = jobs.length > 0;
@@ -584,33 +593,50 @@
 
   let recorded = null;
   let recorder = null;
+  let askingForMic = false; // a second click while the browser asks for permission does nothing
 
   function note(text) { $("record-note").textContent = text; }
 
   async function toggleRecording() {
     if (recorder && recorder.state === "recording") { recorder.stop(); return; }
+    if (askingForMic) return;
+    askingForMic = true;
     let stream;
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: true });
     } catch (err) {
       note(`microphone not available: ${err.message || err.name}`);
       return;
+    } finally {
+      askingForMic = false;
     }
+    const release = () => stream.getTracks().forEach((t) => t.stop());
     const type = ["audio/webm;codecs=opus", "audio/webm", "audio/mp4"].find((t) => MediaRecorder.isTypeSupported(t));
     const chunks = [];
     const started = Date.now();
-    recorder = new MediaRecorder(stream, type ? { mimeType: type } : undefined);
-    recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
-    recorder.onstop = () => {
-      stream.getTracks().forEach((t) => t.stop());
-      const mime = recorder.mimeType || "audio/webm";
-      recorded = new File(chunks, `recording.${mime.includes("mp4") ? "m4a" : "webm"}`, { type: mime });
-      $("audio-file").value = "";
+    const done = () => {
       $("btn-record").classList.remove("recording");
       $("record-text").textContent = "Record again";
-      note(`recorded ${((Date.now() - started) / 1000).toFixed(1)} s — press Transcribe`);
     };
-    recorder.start();
+    try {
+      recorder = new MediaRecorder(stream, type ? { mimeType: type } : undefined);
+      recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
+      recorder.onerror = (e) => { release(); done(); note(`recording failed: ${(e.error && e.error.message) || "unknown error"}`); };
+      recorder.onstop = () => {
+        release();
+        done();
+        if (!chunks.length) { note("nothing was recorded — check the microphone and try again"); return; }
+        const mime = recorder.mimeType || "audio/webm";
+        recorded = new File(chunks, `recording.${mime.includes("mp4") ? "m4a" : "webm"}`, { type: mime });
+        $("audio-file").value = "";
+        note(`recorded ${((Date.now() - started) / 1000).toFixed(1)} s — press Transcribe`);
+      };
+      recorder.start();
+    } catch (err) {
+      release();
+      note(`cannot record here: ${err.message || err.name}`);
+      return;
+    }
     $("btn-record").classList.add("recording");
     $("record-text").textContent = "Stop recording";
     note("recording…");

@@ -169,10 +169,10 @@ def test_an_operator_transcribes_updates_unloads_and_loads_again(open_page: Open
     expect(button["Unload"]).to_be_disabled()
     expect(page.get_by_text("no model loaded", exact=True)).to_be_visible()
     expect(button["Unload"]).to_have_accessible_description("no model loaded")
-    for name in ("Update", "Roll back", "Reload"):
-        expect(button[name]).to_be_disabled()
-        expect(button[name]).to_have_accessible_description("load the model first")
-    expect(button["Load"]).to_be_enabled()
+    expect(button["Reload"]).to_be_disabled()
+    expect(button["Reload"]).to_have_accessible_description("nothing to reload: use Load")
+    for name in ("Update", "Roll back", "Load"):  # moving off an unloaded version needs no load of it
+        expect(button[name]).to_be_enabled()
     expect(history.get_by_role("listitem").first).to_contain_text("unloaded")
 
     button["Load"].click()
@@ -220,3 +220,15 @@ def test_the_page_fits_a_phone_screen(open_page: OpenPage, clip: Path) -> None:
     assert width[0] <= width[1], f"the page is {width[0]} px wide on a {width[1]} px screen"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "web-page-390.png", full_page=True)
+
+
+def test_a_server_that_stops_answering_shows_as_offline_not_as_its_last_state(open_page: OpenPage) -> None:
+    page = open_page(1280, 900)
+    connection = page.locator("#conn")
+    expect(connection).to_contain_text("live")
+    hung: list[sync_api.Route] = []
+    page.route("**/api/system/status", lambda route: hung.append(route))  # never answered
+    expect(connection).to_have_text("offline · retrying", timeout=20_000)
+    assert hung  # the page did ask, and gave up on its own (its timeout ended those requests)
+    page.unroute("**/api/system/status")
+    expect(connection).to_contain_text("live", timeout=10_000)
