@@ -44,7 +44,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UPLOAD_PREFIXES = ("/api/transcribe", "/v1/audio/", "/admin/model/versions", "/api/jobs")
-UNCOUNTED_PREFIXES = ("/health", "/metrics")
+UPLOAD_ROUTES = frozenset({"/api/transcribe", "/v1/audio/transcriptions", "/admin/model/versions", "/api/jobs"})
+UNCOUNTED_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})  # probes and scrapes
+TRANSCRIPTION_PREFIXES = ("/api/transcribe", "/v1/audio/")  # what voxswap_requests_in_flight counts
 STAGING_MAX_AGE_S = 3600.0  # older staging folders belong to no add that is still running
 
 
@@ -283,13 +285,14 @@ class RequestContextMiddleware:
         request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         path: str = scope.get("path", "")
-        counted = not path.startswith(UNCOUNTED_PREFIXES)
+        counted = path not in UNCOUNTED_PATHS
+        transcription = path.startswith(TRANSCRIPTION_PREFIXES)
         limit = self.ctx.settings.max_upload_bytes
         status = {"code": 500, "version": "none"}
         started = time.perf_counter()
         metrics = self.ctx.metrics
         body_limit: _BodyLimit | None = None
-        if counted:
+        if transcription:
             metrics.in_flight.inc()
         try:
             if path.startswith(UPLOAD_PREFIXES) and scope.get("method") == "POST":
@@ -297,6 +300,7 @@ class RequestContextMiddleware:
                 if length is not None and length.isdigit() and int(length) > limit:
                     await self._refuse_too_large(send, request_id, int(length), limit)
                     status["code"] = 413
+                    metrics.rejections.labels("too_large").inc()
                     return
                 receive = body_limit = _BodyLimit(receive, limit)
 
@@ -305,6 +309,7 @@ class RequestContextMiddleware:
                     # FastAPI answers an error raised while it reads the body with its own 400
                     if message["type"] == "http.response.start":
                         status["code"] = 413
+                        metrics.rejections.labels("too_large").inc()
                         await self._refuse_too_large(send, request_id, None, limit)
                     return
                 if message["type"] == "http.response.start":
@@ -322,13 +327,22 @@ class RequestContextMiddleware:
 
             await self.app(scope, receive, send_wrapper)
         finally:
-            if counted:
+            if transcription:
                 metrics.in_flight.dec()
-                route = scope.get("route")
-                label = getattr(route, "path", None) or "unmatched"
+            if counted:
+                label = self._route_label(scope)
                 metrics.requests.labels(label, str(status["code"]), status["version"]).inc()
                 metrics.request_duration.labels(label, status["version"]).observe(time.perf_counter() - started)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _route_label(scope: Scope) -> str:
+        """The route's template (never the raw path: one series per job id would be unbounded). An
+        upload refused before routing (413 from its Content-Length) still gets its route's name."""
+        route = getattr(scope.get("route"), "path", None)
+        if route is None and scope.get("path") in UPLOAD_ROUTES:
+            route = scope["path"]
+        return route or "unmatched"
 
     async def _refuse_too_large(self, send: Send, request_id: str, length: int | None, limit: int) -> None:
         message = (f"the upload is {length} bytes; this server accepts at most {limit} bytes" if length

@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict", "timeout")
-REJECTION_REASONS = ("overloaded", "timeout")
+REJECTION_REASONS = ("overloaded", "timeout", "too_large")
 SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
 
 

@@ -70,6 +70,9 @@ def test_oversized_upload_is_refused_by_content_length_before_reading(make_setti
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "payload_too_large"
         assert "4096" in r.json()["error"]["message"]
+        text = c.get("/metrics").text  # refused before routing, still counted under its route
+        assert 'voxswap_requests_total{route="/api/transcribe",status="413",version="none"} 1.0' in text
+        assert 'voxswap_rejected_requests_total{reason="too_large"} 1.0' in text
 
 
 def test_too_long_audio_is_413(make_settings) -> None:  # type: ignore[no-untyped-def]
@@ -113,7 +116,14 @@ def test_metrics_count_requests_by_route_status_and_version(client: TestClient, 
     assert "voxswap_inference_duration_seconds_count" in text
     assert "voxswap_model_load_duration_seconds_count 1.0" in text
     assert "voxswap_process_resident_memory_bytes" in text
-    assert "voxswap_requests_in_flight" in text
+    assert "voxswap_requests_in_flight 0.0" in text
+    client.get("/api/jobs/0123456789abcdef0123456789abcdef")
+    client.get("/healthz")
+    client.get("/health/ready")
+    text = client.get("/metrics").text
+    assert 'route="/api/jobs/{job_id}",status="404"' in text  # the template, never one series per id
+    assert 'voxswap_requests_total{route="unmatched",status="404",version="none"} 1.0' in text  # /healthz
+    assert 'route="/health/ready"' not in text  # probes and scrapes are not traffic
 
 
 def test_openai_route_json_text_and_pinning(client: TestClient, speech_wav: bytes) -> None:
