@@ -161,6 +161,8 @@ async def _heartbeat(ctx: AppContext) -> None:
         try:
             ctx.metrics.refresh_process()
             await asyncio.to_thread(ctx.loader.publish)
+            if ctx.jobs is not None and ctx.jobs.store.exists():
+                ctx.metrics.jobs_pending.set(await asyncio.to_thread(ctx.jobs.store.pending))
             if beats % 10 == 0:
                 await asyncio.to_thread(ctx.loader.board.sweep)
         except Exception:

@@ -284,6 +284,10 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
 
+    def pending(self) -> int:
+        with self._connect() as db:
+            return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'pending'").fetchone()[0])
+
     def page(self, *, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
         """Newest first."""
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
@@ -582,6 +586,7 @@ class JobRunner:
             log.info("job cancelled", extra={"event": "job_cancelled", "job": job.id})
             return
         self.jobs_run += 1
+        self.service.metrics.jobs_finished.labels(finished.status).inc()
         log.info("job finished", extra={"event": "job_done", "job": job.id, "status": finished.status,
                                         "version": finished.model_version})
         self._notify(finished)
@@ -644,6 +649,7 @@ class JobRunner:
                                                  headers={"User-Agent": "voxswap-webhook", "X-Voxswap-Job": job.id})
                     if response.is_success:
                         await asyncio.to_thread(self.store.record_webhook, job.id, "delivered", attempt, None)
+                        self.service.metrics.webhooks.labels("delivered").inc()
                         log.info("webhook delivered", extra={"event": "webhook_done", "job": job.id,
                                                              "attempt": attempt})
                         return
@@ -656,4 +662,5 @@ class JobRunner:
                     await asyncio.sleep(delay)
                     delay *= 2
         await asyncio.to_thread(self.store.record_webhook, job.id, "failed", self.settings.webhook_attempts, error)
+        self.service.metrics.webhooks.labels("failed").inc()
         log.warning("webhook gave up", extra={"event": "webhook_failed", "job": job.id, "reason": error})

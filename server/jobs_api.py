@@ -204,6 +204,8 @@ async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
     action, job = await asyncio.to_thread(store.cancel_or_delete, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")
+    if action == "cancelled":
+        ctx.metrics.jobs_finished.labels("cancelled").inc()
     return {"id": job_id, "action": action, "status": job.status if action == "cancelled" else "deleted"}
 
 

@@ -27,6 +27,8 @@ PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict", "timeout")
 REJECTION_REASONS = ("overloaded", "timeout", "too_large")
 SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
+JOB_OUTCOMES = ("completed", "failed", "cancelled")
+WEBHOOK_OUTCOMES = ("delivered", "failed")
 
 
 def multiprocess_dir() -> str | None:
@@ -91,6 +93,13 @@ class Metrics:
             "voxswap_process_start_time_seconds", "Start time of this process (unix seconds).",
             registry=r, multiprocess_mode="liveall")
         self.start_time.set(time.time())
+        self.jobs_finished = Counter(
+            "voxswap_jobs_finished", "Batch jobs that ended, by outcome.", ["outcome"], registry=r)
+        self.jobs_pending = Gauge(
+            "voxswap_jobs_pending", "Batch jobs waiting to run in this process's data dir.",
+            registry=r, multiprocess_mode="livemax")  # workers sharing a data dir see one queue
+        self.webhooks = Counter(
+            "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
         # a labelled series exists only from its first increment, and increase() cannot see that
         # first event: create the known ones at zero so a server's first refused swap is visible
         for outcome in SWAP_OUTCOMES:
@@ -99,6 +108,10 @@ class Metrics:
             self.swap_phase.labels(phase)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
+        for outcome in JOB_OUTCOMES:
+            self.jobs_finished.labels(outcome)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhooks.labels(outcome)
         self._process = psutil.Process()
 
     def set_active_version(self, version: str | None, previous: str | None = None) -> None:

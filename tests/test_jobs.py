@@ -92,6 +92,9 @@ def test_files_and_a_zip_become_jobs_that_complete_with_text_and_version(jobs_cl
         result = jobs_client.get(f"/api/jobs/{job['id']}/result").json()
         assert result["text"] == TEXT_A and result["model_version"] == "a"
     assert [j["duration_s"] for j in jobs] == [1.5, 1.5, 1.5, 2.0]
+    metrics = jobs_client.get("/metrics").text
+    assert 'voxswap_jobs_finished_total{outcome="completed"} 4.0' in metrics
+    assert 'voxswap_jobs_finished_total{outcome="failed"} 0.0' in metrics
 
 
 def test_nothing_is_written_to_the_data_dir_until_a_job_is_submitted(jobs_client: TestClient,
@@ -156,6 +159,10 @@ def test_pagination_filter_cancel_and_delete(jobs_app: Callable[..., TestClient]
         assert c.get(f"/api/jobs/{ids[0]}").status_code == 404
         assert not (data_dir / "jobs" / ids[0]).exists()
         assert c.get("/api/jobs").json()["total"] == 4
+        wait_until(lambda: "voxswap_jobs_pending 4.0" in c.get("/metrics").text, timeout_s=10,
+                   message="the heartbeat to count the pending jobs")
+        # cancelling is an outcome; deleting a finished job is not another one
+        assert 'voxswap_jobs_finished_total{outcome="cancelled"} 1.0' in c.get("/metrics").text
 
 
 def test_pending_jobs_left_by_an_accepting_process_are_run_by_a_worker(jobs_app: Callable[..., TestClient],
@@ -334,6 +341,7 @@ def test_the_webhook_is_delivered_and_retried_after_a_500(jobs_client: TestClien
         assert hook.headers[1]["X-Voxswap-Job"] == job["id"]
         webhook = jobs_client.get(f"/api/jobs/{job['id']}").json()["webhook"]
         assert webhook == {"url": hook.url, "status": "delivered", "attempts": 2, "error": None}
+        assert 'voxswap_job_webhooks_total{outcome="delivered"} 1.0' in jobs_client.get("/metrics").text
 
 
 def test_a_webhook_that_never_succeeds_is_given_up_and_recorded(jobs_app: Callable[..., TestClient],

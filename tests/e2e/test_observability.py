@@ -173,8 +173,13 @@ def test_a_fresh_server_exports_every_swap_outcome_phase_and_rejection_reason(cl
         assert f'voxswap_swaps_total{{outcome="{outcome}"}}' in text
     for phase in SWAP_PHASES:
         assert f'voxswap_swap_phase_duration_seconds_count{{phase="{phase}"}}' in text
-    for reason in ("overloaded", "timeout"):
+    for reason in ("overloaded", "timeout", "too_large"):
         assert f'voxswap_rejected_requests_total{{reason="{reason}"}}' in text
+    for outcome in ("completed", "failed", "cancelled"):
+        assert f'voxswap_jobs_finished_total{{outcome="{outcome}"}} 0.0' in text
+    for outcome in ("delivered", "failed"):
+        assert f'voxswap_job_webhooks_total{{outcome="{outcome}"}} 0.0' in text
+    assert "voxswap_jobs_pending 0.0" in text
 
 
 # -- against a real Prometheus -------------------------------------------------------------------
