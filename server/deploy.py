@@ -220,12 +220,12 @@ def _restore(inst: Instance, version: str, patience_s: float) -> str:
             with inst.client() as c:
                 r = c.post("/admin/model/update", json={"version": inst.before, "expected_current": version,
                                                          "watch_seconds": 0})
-            code = _error_code(r)
             if r.status_code == 200:
                 return f"rolled back to {inst.before}"
+            code, message = _error(r)
             if code == "unexpected_current":
-                return f"no longer on {version}, left alone ({_error_message(r)})"
-            problem = f"{r.status_code} {code or ''}: {_error_message(r)}"
+                return f"no longer on {version}, left alone ({message})"
+            problem = f"{r.status_code} {code or ''}: {message}"
             if code != "swap_in_progress" and r.status_code < 500:
                 return f"ROLLBACK FAILED: {problem}"
         except (httpx.HTTPError, ValueError) as exc:
@@ -258,21 +258,16 @@ def _smoke_clip(model_dir: Path | None) -> tuple[bytes, str | None]:
 
 def _ok(r: httpx.Response, inst: Instance, what: str) -> None:
     if r.status_code >= 300:
-        raise DeployError(f"{inst.url}: {what} answered {r.status_code}: {_error_message(r)}")
+        raise DeployError(f"{inst.url}: {what} answered {r.status_code}: {_error(r)[1]}")
 
 
-def _error_code(r: httpx.Response) -> str | None:
+def _error(r: httpx.Response) -> tuple[str | None, str]:
+    """The code and message of voxswap's error envelope; without one, no code and the raw body."""
     try:
-        return str(r.json()["error"]["code"])
+        error = r.json()["error"]
+        return str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _error_message(r: httpx.Response) -> str:
-    try:
-        return str(r.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return r.text[:300]
+        return None, r.text[:300]
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ class JobStore:
         """One row per staged upload, all or none; refused when the queue is full."""
         now = time.time()
         with self._transaction() as db:
-            pending = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'pending'").fetchone()[0]
+            pending = _count_pending(db)
             if pending + len(staged) > max_pending:
                 raise Overloaded(f"{pending} jobs are waiting (at most {max_pending}); submit later",
                                  retry_after=30)
@@ -286,7 +286,7 @@ class JobStore:
 
     def pending(self) -> int:
         with self._connect() as db:
-            return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'pending'").fetchone()[0])
+            return _count_pending(db)
 
     def page(self, *, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
         """Newest first."""
@@ -455,6 +455,10 @@ class JobStore:
                     if folder.stat().st_mtime < stray_cutoff:
                         shutil.rmtree(folder, ignore_errors=True)
         return len(old)
+
+
+def _count_pending(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'pending'").fetchone()[0])
 
 
 class JobRunner:

@@ -102,16 +102,12 @@ class Metrics:
             "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
         # a labelled series exists only from its first increment, and increase() cannot see that
         # first event: create the known ones at zero so a server's first refused swap is visible
-        for outcome in SWAP_OUTCOMES:
-            self.swaps.labels(outcome)
-        for phase in SWAP_PHASES:
-            self.swap_phase.labels(phase)
-        for reason in REJECTION_REASONS:
-            self.rejections.labels(reason)
-        for outcome in JOB_OUTCOMES:
-            self.jobs_finished.labels(outcome)
-        for outcome in WEBHOOK_OUTCOMES:
-            self.webhooks.labels(outcome)
+        known: list[tuple[Counter | Histogram, tuple[str, ...]]] = [
+            (self.swaps, SWAP_OUTCOMES), (self.swap_phase, SWAP_PHASES), (self.rejections, REJECTION_REASONS),
+            (self.jobs_finished, JOB_OUTCOMES), (self.webhooks, WEBHOOK_OUTCOMES)]
+        for metric, values in known:
+            for value in values:
+                metric.labels(value)
         self._process = psutil.Process()
 
     def set_active_version(self, version: str | None, previous: str | None = None) -> None:

@@ -333,9 +333,11 @@ class Registry:
                     path = _inside(folder, entry["path"])
                     if not path.is_file() or sha256_file(path) != entry["sha256"]:
                         raise VerificationFailed(f"upload: {entry['path']} does not match its checksum")
-            # clips in the folder's own smoke/ (an exported version's) are found there again
-            smoke = [(_inside(folder, c.audio), c.text) for c in (sent.smoke if sent else [])
-                     if not (c.audio.startswith("smoke/") and (folder / c.audio).with_suffix(".txt").is_file())]
+            smoke = []
+            for clip in sent.smoke if sent else []:
+                path = _inside(folder, clip.audio)
+                if not (clip.audio.startswith("smoke/") and _is_folder_clip(path)):  # add finds those itself
+                    smoke.append((path, clip.text))
             return self.add(folder, name, smoke=smoke, source=sent.source if sent else "upload",
                             metadata=sent.metadata if sent else {}, actor=actor)
         except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
@@ -354,10 +356,10 @@ class Registry:
         clips = []
         if smoke_dir.is_dir():
             for clip in sorted(smoke_dir.iterdir()):
-                transcript = clip.with_suffix(".txt")
-                if clip.suffix.lower() in AUDIO_SUFFIXES and transcript.is_file():
+                if _is_folder_clip(clip):
                     _check_clip(clip)
-                    clips.append(SmokeClip(audio=f"smoke/{clip.name}", text=transcript.read_text().strip()))
+                    clips.append(SmokeClip(audio=f"smoke/{clip.name}",
+                                           text=clip.with_suffix(".txt").read_text().strip()))
         return clips
 
     def promote(
@@ -468,6 +470,11 @@ class Registry:
         with tarfile.open(out, "w:gz") as tar:
             tar.add(root, arcname=name)
         return out
+
+
+def _is_folder_clip(path: Path) -> bool:
+    """A golden clip in a version folder's ``smoke/``: audio with its transcript beside it."""
+    return path.suffix.lower() in AUDIO_SUFFIXES and path.with_suffix(".txt").is_file()
 
 
 def _check_clip(path: Path) -> None:
