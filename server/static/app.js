@@ -73,17 +73,17 @@
     else if (form) body = form;
     const signal = method === "GET" ? AbortSignal.timeout(READ_TIMEOUT_MS) : undefined;
     let res;
-    let data = null;
+    let raw;
     try {
       res = await fetch(path, { method, headers, body, cache: "no-store", signal });
-      if ((res.headers.get("content-type") || "").includes("json")) {
-        try { data = await res.json(); } catch (err) { if (err.name === "TimeoutError") throw err; data = null; }
-      } else {
-        data = await res.text();
-      }
+      raw = await res.text(); // the body too must arrive within the timeout
     } catch (err) {
       const why = err && err.name === "TimeoutError" ? "the server did not answer in time" : "the server cannot be reached";
       return { ok: false, status: 0, data: null, message: why };
+    }
+    let data = raw;
+    if ((res.headers.get("content-type") || "").includes("json")) {
+      try { data = JSON.parse(raw); } catch { data = null; }
     }
     if (res.ok) return { ok: true, status: res.status, data };
     return { ok: false, status: res.status, data, message: errorMessage(res, data) };
@@ -232,16 +232,15 @@
       why.load = "already loaded";
       if (!picked) why.update = "no version to update to";
       else if (picked === s.model_version) why.update = `${picked} is already live`;
-      if (!s.previous_version) why.rollback = "no previous version";
     } else {
       // nothing is served: Load brings the current version back, and Update or Roll back move to
       // another one directly (an operator who unloaded a bad version need not load it again)
       why.unload = "no model loaded";
       why.reload = "nothing to reload: use Load";
-      if (!s.previous_version) why.rollback = "no previous version";
       if (!picked) why.update = s.registry_current ? "no version to update to" : "the registry has no versions";
       if (!s.registry_current) why.load = "no version is current: use Update";
     }
+    if (!s.previous_version) why.rollback = "no previous version";
     return { all: null, each: why };
   }
 
