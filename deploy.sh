@@ -16,4 +16,4 @@ if [ -z "$python" ]; then
   if [ -x "$here/.venv/bin/python" ]; then python="$here/.venv/bin/python"; else python="python3"; fi
 fi
 cd "$here"
-exec "$python" -m server.deploy "$@"
+exec "$python" -m server.tools.deploy "$@"

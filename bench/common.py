@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from server.registry import MODEL_FILES, Registry
+from server.storage.registry import MODEL_FILES, Registry
 from server.testing import synth
 from server.testing.modelgen import TestModelSpec, make_test_model
-from server.testing.processes import ServerProcess, start_server
+from testkit.processes import ServerProcess, start_server
 
 TEXT_A = "benchmark model a"
 TEXT_B = "benchmark model b"
@@ -226,7 +226,7 @@ def make_registry(root: Path, models: ModelSet) -> Registry:
 
 def bare_build_times(folder: Path, model_file: str, threads: int, repeats: int) -> list[float]:
     """Seconds to construct the Engine alone (imports done), the floor under any load or start-up."""
-    from server.engine import Engine
+    from server.engines.sensevoice import Engine
 
     Engine(folder, model_file=model_file, threads=threads).close()  # imports and first-use costs
     times = []

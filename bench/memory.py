@@ -21,9 +21,9 @@ import numpy as np
 
 from bench.common import MIB, Bench, Goal, ModelSet, RssSampler, Section, Table, median, mib, ratio, threads_for
 from bench.swaps import post_update
-from server.registry import Registry
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import LoadGenerator, wait_until
+from testkit.harness import LoadGenerator, wait_until
 
 PEAK_SLACK = 0.10
 TREND_LIMIT = 0.05
@@ -87,7 +87,7 @@ def _bare_child(folder: str, model_file: str, threads: int, conn: Connection) ->
     import funasr_onnx  # noqa: F401  (Engine imports it lazily; its cost is not the model's)
     import onnxruntime  # noqa: F401
 
-    from server.engine import Engine
+    from server.engines.sensevoice import Engine
 
     conn.send("imported")
     conn.recv()

@@ -13,8 +13,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.common import Bench, Goal, Section, Table, median, ms, pct, ratio, threads_for
-from server import audio
-from server.engine import Engine
+from server.engines.sensevoice import Engine
+from server.speech import audio
 from server.testing import synth
 
 WARMUP = 2

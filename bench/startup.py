@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 
 from bench.common import Bench, Goal, ModelSet, Section, Table, median, mib, ratio, threads_for
-from server.registry import Registry
+from server.storage.registry import Registry
 
-IMPORTS = "import server.app, server.engine, funasr_onnx, onnxruntime"
+IMPORTS = "import server.app, server.engines.sensevoice, funasr_onnx, onnxruntime"
 PHASE_SUM = re.compile(r'^voxswap_swap_phase_duration_seconds_sum\{phase="(\w+)"\} ([0-9.e+-]+)$', re.M)
 
 

@@ -18,7 +18,7 @@ import httpx
 
 from bench.common import Bench, Goal, RssSampler, Section, Table, median, ms, pct, ratio, threads_for
 from server.testing import synth
-from server.testing.harness import LoadGenerator, Outcome, wait_until
+from testkit.harness import LoadGenerator, Outcome, wait_until
 
 PHASES = ("verify_s", "load_s", "smoke_s", "peers_staged_s", "time_to_flip_s", "drain_s", "free_s", "total_s")
 FLIP_SLACK_S = 0.2

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 
 from bench.common import HEARTBEAT_S, Bench, Goal, Profile, Section, Table, median, ms, ratio, threads_for
-from server import audio
+from server.speech import audio
 from server.testing import synth
-from server.testing.harness import LoadGenerator, wait_until
+from testkit.harness import LoadGenerator, wait_until
 
 CLIP_SEED = 11
 
@@ -33,7 +33,7 @@ def _clip(seconds: float) -> bytes:
 def _direct_worker(folder: str, model_file: str, threads: int, clip_s: float, barrier: Barrier,
                    conn: Connection) -> None:
     """Spawned: load the bare Engine once, then loop it for as many seconds as each request says."""
-    from server.engine import Engine
+    from server.engines.sensevoice import Engine
 
     engine = Engine(Path(folder), model_file=model_file, threads=threads)
     samples = audio.decode(_clip(clip_s), max_seconds=3600).samples

@@ -6,8 +6,8 @@ uses the same options without this file.
 """
 
 from server.logs import configure_logging
-from server.serving import gunicorn_options, prepare_metrics_dir
 from server.settings import Settings
+from server.tools.serving import gunicorn_options, prepare_metrics_dir
 
 _settings = Settings()
 configure_logging(_settings.log_level, _settings.log_format, _settings.log_file,

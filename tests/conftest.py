@@ -12,11 +12,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import serve_in_thread
 from server.testing.modelgen import TestModelSpec, make_test_model
+from testkit.harness import serve_in_thread
 
 TEXT_A = "model a says hello"
 TEXT_B = "model b greets you"

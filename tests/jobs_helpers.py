@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from server.testing.harness import wait_until
+from testkit.harness import wait_until
 
 FINISHED = {"completed", "failed", "cancelled"}
 VOXSWAP = Path(sys.executable).with_name("voxswap")

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import RegistryError
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from tests.conftest import AUTH, TEXT_A, TEXT_B
 
 

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.testing import synth
-from server.testing.harness import serve_in_thread
+from testkit.harness import serve_in_thread
 from tests.conftest import TEXT_A
 
 SPOKEN = "Hello, this is a test of the voxswap speech server, reading a short sentence aloud."

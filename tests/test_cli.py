@@ -13,13 +13,13 @@ import httpx
 from fastapi import FastAPI
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import post_clip, serve_in_thread, wait_until
+from testkit.harness import post_clip, serve_in_thread, wait_until
 from tests.conftest import TEXT_A, TEXT_B
 
-VOXSWAP = [sys.executable, "-m", "server.cli"]
+VOXSWAP = [sys.executable, "-m", "server.tools.cli"]
 
 
 def cli(*args: str, registry: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import pytest
 
 from server.app import create_app
 from server.testing import synth
-from server.testing.harness import serve_in_thread
+from testkit.harness import serve_in_thread
 from tests.conftest import TEXT_A
 from tests.jobs_helpers import VOXSWAP, free_port
 

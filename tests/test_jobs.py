@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.jobs import JobStore, NewJob
-from server.registry import Registry
+from server.service.jobs import JobStore, NewJob
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import wait_until
+from testkit.harness import wait_until
 from tests.conftest import AUTH, TEXT_A, TEXT_B
 from tests.jobs_helpers import WebhookReceiver, server_process, submit, wait_for_jobs, zip_of
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server import segmenter
+from server.speech import segmenter
 from server.testing import synth
 from tests.conftest import TEXT_A
 

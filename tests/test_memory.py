@@ -9,8 +9,8 @@ import psutil
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN
 
 WEIGHTS_MB = 96

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import Outcome, post_clip, serve_in_thread, wait_until
+from testkit.harness import Outcome, post_clip, serve_in_thread, wait_until
 
 
 def _slow_registry(tmp_path: Path, model_dir: Callable[..., Path]) -> Registry:

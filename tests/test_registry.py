@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.errors import Conflict, NotFound, RegistryError, UnexpectedCurrent, VerificationFailed
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from tests.conftest import TEXT_A
 
 
@@ -59,7 +59,7 @@ def test_a_crash_during_add_leaves_no_half_version(
 ) -> None:
     reg = Registry(tmp_path / "r")
     calls = {"n": 0}
-    import server.registry as registry_module
+    import server.storage.registry as registry_module
 
     real = registry_module.sha256_file
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.richtext import char_error_rate, parse
+from server.speech.richtext import char_error_rate, parse
 
 
 def test_tags_become_fields_and_text_is_clean() -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from server.cluster import Rollout, WorkerBoard
 from server.errors import SwapInProgress, VersionNotLoaded
-from server.loader import ModelLoader
+from server.lifecycle.board import Rollout, WorkerBoard
+from server.lifecycle.policy import ModelLoader
 from server.metrics import Metrics
-from server.registry import Registry, write_json_atomic
 from server.settings import Settings
+from server.storage.registry import Registry, write_json_atomic
 from server.testing import synth
 from tests.conftest import TEXT_B
 

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import LoadGenerator, Outcome, post_clip, serve_in_thread, wait_until
+from testkit.harness import LoadGenerator, Outcome, post_clip, serve_in_thread, wait_until
 from tests.conftest import AUTH
 
 SLOW_A = "slow model a speaking"

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 
 from server.app import create_app
-from server.registry import Registry
+from server.lifecycle.watch import VersionStats, Window, aggregate, judge
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import LoadGenerator, serve_in_thread, wait_until
-from server.watch import VersionStats, Window, aggregate, judge
+from testkit.harness import LoadGenerator, serve_in_thread, wait_until
 from tests.conftest import AUTH, TEXT_A, TEXT_B
 
 

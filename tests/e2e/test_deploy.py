@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.registry import Registry
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import LoadGenerator, wait_until
-from server.testing.nginx import nginx_binary, run_nginx
-from server.testing.processes import ServerProcess, start_server
+from testkit.harness import LoadGenerator, wait_until
+from testkit.nginx import nginx_binary, run_nginx
+from testkit.processes import ServerProcess, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deploy,
               pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")]

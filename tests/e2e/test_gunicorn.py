@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.registry import Registry
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import LoadGenerator, wait_until
-from server.testing.processes import ServerProcess, start_server
+from testkit.harness import LoadGenerator, wait_until
+from testkit.processes import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
 TEXT = {"a": "gunicorn model a", "b": "gunicorn model b", "heavy": "heavy model"}

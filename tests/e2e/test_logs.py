@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.registry import Registry
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.processes import start_server
+from testkit.processes import start_server
 
 pytestmark = pytest.mark.e2e
 

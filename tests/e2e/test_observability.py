@@ -23,10 +23,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from server.metrics import SWAP_OUTCOMES, SWAP_PHASES
-from server.registry import Registry
-from server.testing.harness import LoadGenerator, wait_until
-from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN, copy_model
-from tests.e2e.prometheus_helpers import (
+from server.storage.registry import Registry
+from testkit.harness import LoadGenerator, wait_until
+from testkit.prometheus import (
     ALERT_RULES,
     ALERT_TESTS,
     DASHBOARD,
@@ -51,6 +50,7 @@ from tests.e2e.prometheus_helpers import (
     substitute,
     variable_queries,
 )
+from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN, copy_model
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found; scripts/install-system-deps.sh installs Debian's prometheus")
@@ -214,7 +214,7 @@ def voxswap(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Callable[
     registry.promote("a")
     port = free_port()
     exe = Path(sys.executable).with_name("voxswap")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.tools.cli"]
     cmd += ["serve", "--registry", str(registry.root), "--port", str(port), "--admin-token", TOKEN,
             "--no-seed-demo", "--workers", str(workers)]
     log = tmp_path / "voxswap.log"

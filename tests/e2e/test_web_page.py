@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.registry import Registry
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
-from server.testing.harness import serve_in_thread
+from testkit.harness import serve_in_thread
 from tests.conftest import TEXT_A, TOKEN
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")

@@ -13,11 +13,11 @@ import httpx
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server.api import Language
-from server.deps import CtxDep
 from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady, PayloadTooLarge
-from server.formats import cues, to_srt, to_vtt
-from server.jobs import Job, JobRunner, JobStore, NewJob
+from server.http.deps import CtxDep
+from server.http.transcribe import Language
+from server.service.jobs import Job, JobRunner, JobStore, NewJob
+from server.speech.formats import cues, to_srt, to_vtt
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server import audio, richtext
-from server.engine import Engine
+from server.engines.sensevoice import Engine
 from server.errors import VoxswapError
-from server.registry import Manifest
+from server.speech import audio, richtext
+from server.storage.registry import Manifest
 from server.testing import synth
 
 

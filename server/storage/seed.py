@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from server.registry import Registry
+from server.storage.registry import Registry
 from server.testing.modelgen import TestModelSpec, make_test_model
 
 log = logging.getLogger("voxswap.demo")

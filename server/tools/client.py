@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import httpx
 
-from server.formats import cues, to_srt, to_vtt
+from server.speech.formats import cues, to_srt, to_vtt
 
 AUDIO_SUFFIXES = frozenset((".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac",
                             ".webm", ".mka", ".aif", ".aiff", ".au", ".caf", ".amr"))

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.errors import SwapInProgress
-from server.registry import Registry, write_json_atomic
+from server.storage.registry import Registry, write_json_atomic
 
 HEARTBEAT_STALE_S = 5.0
 

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, Field
 
-from server.deps import CtxDep, require_admin
 from server.errors import Conflict, NotReady
-from server.registry import ANY_CURRENT
+from server.http.deps import CtxDep, require_admin
+from server.storage.registry import ANY_CURRENT
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

@@ -479,7 +479,7 @@ def _is_folder_clip(path: Path) -> bool:
 
 def _check_clip(path: Path) -> None:
     """A golden clip that does not decode would only be found at promote time: refuse it at add."""
-    from server import audio
+    from server.speech import audio
 
     try:
         audio.decode(path.read_bytes(), max_seconds=3600)

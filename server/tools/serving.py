@@ -110,7 +110,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     """Everything gunicorn needs from voxswap's settings; the hooks close over ``settings``."""
 
     def on_starting(server: Any) -> None:
-        from server.registry import Registry
+        from server.storage.registry import Registry
 
         Registry(settings.registry).ensure()
         log.info("gunicorn starting", extra={"event": "gunicorn_start", "workers": settings.workers,
@@ -120,8 +120,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # a dead worker's gauges must stop counting, and peers must stop waiting for it
         from prometheus_client import multiprocess
 
-        from server.cluster import WorkerBoard
-        from server.registry import Registry
+        from server.lifecycle.board import WorkerBoard
+        from server.storage.registry import Registry
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
         WorkerBoard(Registry(settings.registry)).withdraw(worker.pid)
@@ -135,7 +135,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": [f"{settings.host}:{settings.port}"],
         "workers": settings.workers,
         "threads": settings.inference_workers,
-        "worker_class": "server.serving.VoxswapWorker",
+        "worker_class": "server.tools.serving.VoxswapWorker",
         "timeout": settings.worker_timeout_s,
         "graceful_timeout": int(settings.shutdown_delay_s + settings.drain_timeout_s) + 5,
         "keepalive": 5,

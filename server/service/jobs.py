@@ -45,12 +45,12 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from server import audio, segmenter
 from server.errors import NotReady, Overloaded, PayloadTooLarge, VersionNotLoaded, VoxswapError
-from server.inference import InferencePool
-from server.loader import ModelLoader
-from server.service import Transcription, TranscriptionService
+from server.lifecycle.policy import ModelLoader
+from server.service.inference import InferencePool
+from server.service.transcription import Transcription, TranscriptionService
 from server.settings import Settings
+from server.speech import audio, segmenter
 
 log = logging.getLogger("voxswap.jobs")
 

@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.deps import CtxDep
-from server.engine import LANGUAGES
+from server.engines.sensevoice import LANGUAGES
 from server.errors import InvalidRequest, NotFound, RegistryError
-from server.formats import to_srt, to_vtt
-from server.service import Transcription
+from server.http.deps import CtxDep
+from server.service.transcription import Transcription
+from server.speech.formats import to_srt, to_vtt
 
 router = APIRouter()
 Language = Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"]

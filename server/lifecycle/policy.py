@@ -31,8 +31,7 @@ from typing import Any
 
 import psutil
 
-from server.cluster import Rollout, Staged, WorkerBoard, WorkerInfo
-from server.engine import Engine, EngineLoadError
+from server.engines.sensevoice import Engine, EngineLoadError
 from server.errors import (
     NotFound,
     NotReady,
@@ -42,11 +41,12 @@ from server.errors import (
     VerificationFailed,
     VersionNotLoaded,
 )
+from server.lifecycle.board import Rollout, Staged, WorkerBoard, WorkerInfo
+from server.lifecycle.smoke import SmokeReport, run_smoke
+from server.lifecycle.watch import PostSwapWatch, VersionStats
 from server.metrics import Metrics
-from server.registry import ANY_CURRENT, Manifest, Registry
 from server.settings import Settings
-from server.smoke import SmokeReport, run_smoke
-from server.watch import PostSwapWatch, VersionStats
+from server.storage.registry import ANY_CURRENT, Manifest, Registry
 
 log = logging.getLogger("voxswap.loader")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # backoff of a load that failed in this process only

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.errors import VoxswapError
-from server.registry import write_json_atomic
+from server.storage.registry import write_json_atomic
 
 if TYPE_CHECKING:
-    from server.loader import ModelLoader
+    from server.lifecycle.policy import ModelLoader
     from server.settings import Settings
 
 log = logging.getLogger("voxswap.watch")

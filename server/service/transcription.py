@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server import audio, richtext, segmenter
-from server.inference import InferencePool
-from server.loader import LoadedModel, ModelLoader
+from server.lifecycle.policy import LoadedModel, ModelLoader
 from server.metrics import Metrics
+from server.service.inference import InferencePool
 from server.settings import Settings
+from server.speech import audio, richtext, segmenter
 
 log = logging.getLogger("voxswap.service")
 

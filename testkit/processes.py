@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from server.testing.harness import wait_until
+from testkit.harness import wait_until
 
 
 def free_port() -> int:
@@ -108,11 +108,11 @@ def start_server(
         "VOXSWAP_INTRA_OP_THREADS": "1",
         **(env or {}),
     }
-    command = [sys.executable, "-m", "server.cli", "serve", "--registry", str(registry), "--port", str(port),
+    command = [sys.executable, "-m", "server.tools.cli", "serve", "--registry", str(registry), "--port", str(port),
                "--workers", str(workers)]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                cwd=Path(__file__).resolve().parents[2])
+                                cwd=Path(__file__).resolve().parents[1])
     server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, registry, log_path, token, workers, full_env)
     if wait:
         try:

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 ALERT_RULES = PROMETHEUS_DIR / "alerts.yml"

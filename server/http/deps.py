@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from server.errors import Forbidden, Unauthorized
-
-if TYPE_CHECKING:
-    from server.app import AppContext
+from server.service.context import AppContext
 
 
 def get_ctx(request: Request) -> AppContext:
@@ -18,7 +16,7 @@ def get_ctx(request: Request) -> AppContext:
     return ctx
 
 
-CtxDep = Annotated["AppContext", Depends(get_ctx)]
+CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
 def require_admin(request: Request) -> str:

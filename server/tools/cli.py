@@ -143,7 +143,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from server.registry import Registry
+    from server.storage.registry import Registry
 
     return Registry(_settings(args).registry)
 
@@ -161,8 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     configure_logging(settings.log_level, settings.log_format, settings.log_file,
                       max_mb=settings.log_max_mb, backups=settings.log_backups)
-    from server.registry import Registry
-    from server.serving import run_gunicorn, serve_single
+    from server.storage.registry import Registry
+    from server.tools.serving import run_gunicorn, serve_single
 
     Registry(settings.registry).ensure()  # a registry path that is a file fails here, not in every worker
 
@@ -171,7 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _transcribe(args: argparse.Namespace) -> int:
     """One file is answered at once; several (or a folder) run as batch jobs on the server."""
-    from server.client import ClientError, Options, run
+    from server.tools.client import ClientError, Options, run
 
     options = Options(server=args.server, fmt=args.fmt, out=args.out, language=args.language,
                       use_itn=args.use_itn)
@@ -244,9 +244,9 @@ def _registry_verify(args: argparse.Namespace) -> int:
 
 def _checked_promote(args: argparse.Namespace, name: str, event: str) -> int:
     """The CLI's promote: the same verify + load + smoke as a server swap, then the pointer."""
-    from server.loader import ModelLoader
+    from server.lifecycle.policy import ModelLoader
     from server.metrics import Metrics
-    from server.registry import Registry
+    from server.storage.registry import Registry
 
     settings = _settings(args)
     registry = Registry(settings.registry)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from server.testing.harness import wait_until
-from server.testing.processes import free_port
+from testkit.harness import wait_until
+from testkit.processes import free_port
 
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/bin/nginx")
 

@@ -1,0 +1,112 @@
+"""What a worker process does beside answering requests: follow the registry and the rollouts of
+its peers, publish its heartbeat, and leave gracefully when a swap left it over its memory budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from contextlib import suppress
+
+from server.lifecycle.policy import SwapReport
+from server.service.context import AppContext
+
+log = logging.getLogger("voxswap.app")
+
+
+async def follow_registry(ctx: AppContext) -> None:
+    """Follow state.json (one stat per tick) and rollout.json, so a CLI promote, a peer's rollout or
+    an operator's unload reaches this process."""
+    # the first tick always compares generations: a commit may land between this process loading
+    # its model and this loop starting, and no later change of state.json would announce it
+    last: tuple[int, int, int] | None = None
+    pending = True
+    while True:
+        await asyncio.sleep(ctx.settings.watch_interval_s)
+        try:
+            signature = ctx.registry.state_signature()
+            if signature != last or pending:
+                last = signature
+                pending = not await asyncio.to_thread(ctx.loader.follow_registry)
+            if ctx.loader.board.rollout_path.exists() or ctx.loader.has_candidate:
+                await asyncio.to_thread(ctx.loader.follow_rollout)
+        except Exception:  # the watcher must survive anything one swap does, and try again
+            pending = True
+            log.exception("following the registry failed", extra={"event": "watch_error"})
+
+
+async def heartbeat(ctx: AppContext) -> None:
+    """Publish this process's heartbeat and refresh its memory gauge; sweep dead workers' files."""
+    beats = 0
+    while True:
+        try:
+            ctx.metrics.refresh_process()
+            await asyncio.to_thread(ctx.loader.publish)
+            if ctx.jobs is not None and ctx.jobs.store.exists():
+                ctx.metrics.jobs_pending.set(await asyncio.to_thread(ctx.jobs.store.pending))
+            if beats % 10 == 0:
+                await asyncio.to_thread(ctx.loader.board.sweep)
+        except Exception:
+            log.exception("heartbeat failed", extra={"event": "heartbeat_error"})
+        # a watch runs in the process that swapped, which is the one a swap pushes over budget:
+        # recycling it mid-watch would leave the verdict at "watching" for good
+        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not ctx.loader.watch.running:
+            await asyncio.to_thread(try_recycle, ctx)
+        beats += 1
+        await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+def check_memory_budget(ctx: AppContext, report: SwapReport) -> None:
+    """Only a swap that freed an old model is judged: memory it did not give back is the leak that
+    recycling cures. A fresh worker's first load is its baseline, not a leak."""
+    budget = ctx.settings.memory_budget_mb
+    if not budget or ctx.settings.workers < 2:
+        return  # a lone process cannot be replaced without a gap; the metric and alert say it instead
+    if not report.from_version or "rss_before_free_bytes" not in report.memory:
+        return
+    version = report.version
+    rss = ctx.metrics.refresh_process()
+    if rss > budget * 2**20:
+        ctx.recycle_reason = (f"resident memory {rss / 2**20:.0f} MiB after the swap to {version!r} "
+                              f"exceeds the {budget} MiB budget")
+
+
+def try_recycle(ctx: AppContext) -> None:
+    """Leave gracefully so gunicorn starts a fresh worker, but only when every other worker serves
+    and no other worker is being recycled: one at a time, never a gap in capacity."""
+    peers = ctx.loader.board.peers()
+    if len(peers) + 1 < ctx.settings.workers or any(p.state != "ready" for p in peers):
+        return
+    handle = (ctx.registry.root / ".recycle.lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return
+    ctx._recycle_lock = handle  # held until this process exits; the next worker waits for it
+    ctx.recycling = True
+    ctx.registry.record("recycle", pid=os.getpid(), version=ctx.loader.live_version, actor="memory_budget",
+                        outcome="started", reason=ctx.recycle_reason)
+    log.warning("recycling this worker", extra={"event": "recycle", "reason": ctx.recycle_reason})
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def begin_shutdown(ctx: AppContext) -> bool:
+    """SIGTERM arrived: readiness turns 503 now; serving goes on until the server stops accepting.
+
+    Returns whether peers on the same listening socket cover for this worker (it is being
+    recycled), so it can stop accepting at once instead of waiting for a load balancer to notice.
+    """
+    ctx.loader.draining = True
+    if ctx.recycling:
+        return True  # peers keep this instance ready; only this worker leaves
+    if not ctx.shutting_down:
+        ctx.shutting_down = True
+        log.info("shutdown requested: readiness is 503, still serving",
+                 extra={"event": "shutdown_begin", "delay_s": ctx.settings.shutdown_delay_s})
+        with suppress(OSError):
+            ctx.loader.publish()
+    return False
