@@ -17,15 +17,16 @@ from server.errors import VoxswapError
 from server.http import admin, jobs, page, transcribe
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
-from server.lifecycle.policy import ModelLoader
+from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service import background
 from server.service.context import AppContext
 from server.service.inference import InferencePool
-from server.service.jobs import JobRunner, JobStore
+from server.service.jobs import JobRunner
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage import seed
+from server.storage.job_store import JobStore
 from server.storage.registry import Registry
 
 log = logging.getLogger("voxswap.app")
@@ -36,13 +37,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry(settings.registry)
     metrics = Metrics()
-    loader = ModelLoader(registry, settings, metrics)
+    lifecycle = ModelLifecycle(registry, settings, metrics)
     pool = InferencePool(workers=settings.inference_workers, max_queue=settings.max_queue,
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
-    service = TranscriptionService(loader, pool, settings, metrics)
-    ctx = AppContext(settings, registry, metrics, loader, pool, service)
-    ctx.jobs = JobRunner(JobStore(settings.data_dir), service, pool, loader, settings)
-    loader.after_swap = lambda report: background.check_memory_budget(ctx, report)
+    service = TranscriptionService(lifecycle, pool, settings, metrics)
+    ctx = AppContext(settings, registry, metrics, lifecycle, pool, service)
+    ctx.jobs = JobRunner(JobStore(settings.data_dir), service, pool, lifecycle, settings)
+    lifecycle.after_swap = lambda report: background.check_memory_budget(ctx, report)
 
     app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan,
                   docs_url="/docs", redoc_url=None)
@@ -65,7 +66,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if ctx.settings.seed_demo:
         await asyncio.to_thread(seed.seed_if_empty, ctx.registry)
     try:
-        await asyncio.to_thread(ctx.loader.load_current)
+        await asyncio.to_thread(ctx.lifecycle.load_current)
     except VoxswapError as exc:
         log.error("no model could be loaded at start; serving 503 until one is promoted",
                   extra={"event": "startup_load_failed", "reason": exc.message})
@@ -73,7 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx.tasks.append(asyncio.create_task(background.heartbeat(ctx), name="voxswap-heartbeat"))
     if ctx.jobs is not None:
         ctx.jobs.start()
-    live = ctx.loader.live
+    live = ctx.lifecycle.live
     log.info("voxswap ready", extra={"event": "ready", "version": live.version if live else None,
                                      "registry": str(ctx.registry.root)})
     try:
@@ -88,7 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(ctx.pool.shutdown)
-        ctx.loader.shutdown()
+        ctx.lifecycle.shutdown()
 
 
 def _package_version() -> str:

@@ -63,7 +63,7 @@ def test_remove_via_cli_refuses_current(registry: Registry) -> None:
 
 def _server(settings: Settings) -> tuple[FastAPI, Callable[[], str | None]]:
     app = create_app(settings)
-    return app, lambda: app.state.ctx.loader.live_version
+    return app, lambda: app.state.ctx.lifecycle.live_version
 
 
 def test_a_running_server_follows_a_cli_promote_and_rollback(settings: Settings, registry: Registry) -> None:

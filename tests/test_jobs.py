@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.service.jobs import JobStore, NewJob
+from server.storage.job_records import NewJob
+from server.storage.job_store import JobStore
 from server.storage.registry import Registry
 from server.testing import synth
 from testkit.harness import wait_until

@@ -1,4 +1,4 @@
-"""Rollouts between the workers that share a registry, at the level of one worker's loader.
+"""Rollouts between the workers that share a registry, at the level of one worker's lifecycle.
 
 The end-to-end behaviour (real gunicorn workers, kill -9 mid-swap) is in tests/e2e/test_gunicorn.py;
 these pin down two rules a worker follows whatever its peers do.
@@ -15,7 +15,7 @@ import pytest
 
 from server.errors import SwapInProgress, VersionNotLoaded
 from server.lifecycle.board import Rollout, WorkerBoard
-from server.lifecycle.policy import ModelLoader
+from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.settings import Settings
 from server.storage.registry import Registry, write_json_atomic
@@ -35,22 +35,22 @@ def test_a_request_pinned_to_a_staged_version_finishes_when_a_newer_rollout_repl
     registry: Registry, settings: Settings, model_dir: Callable[..., Path]
 ) -> None:
     registry.add(model_dir("model c is newer"), "c")
-    loader = ModelLoader(registry, settings, Metrics())
-    loader.load_current()
+    lifecycle = ModelLifecycle(registry, settings, Metrics())
+    lifecycle.load_current()
     try:
-        _announce(loader.board, "r1", "b")
-        loader.follow_rollout()
-        assert loader.loaded_versions() == ["a", "b"]
-        with loader.lease("b") as pinned:  # a long request pinned with X-Model-Version: b
-            _announce(loader.board, "r2", "c")  # b's rollout was abandoned, c's begins
-            loader.follow_rollout()
-            assert loader.loaded_versions() == ["a", "c"]
+        _announce(lifecycle.board, "r1", "b")
+        lifecycle.follow_rollout()
+        assert lifecycle.loaded_versions() == ["a", "b"]
+        with lifecycle.lease("b") as pinned:  # a long request pinned with X-Model-Version: b
+            _announce(lifecycle.board, "r2", "c")  # b's rollout was abandoned, c's begins
+            lifecycle.follow_rollout()
+            assert lifecycle.loaded_versions() == ["a", "c"]
             raw = pinned.engine.transcribe(synth.speech_like(1.5, seed=1))
             assert raw.endswith(TEXT_B)  # its next batch still runs on b
-        with pytest.raises(VersionNotLoaded), loader.lease("b"):  # b went with its last request
+        with pytest.raises(VersionNotLoaded), lifecycle.lease("b"):  # b went with its last request
             pass
     finally:
-        loader.shutdown()
+        lifecycle.shutdown()
 
 
 def test_a_second_rollout_waits_until_the_first_has_converged(registry: Registry) -> None:

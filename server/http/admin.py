@@ -42,7 +42,7 @@ def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
 @router.post("/model/update")
 async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
     ctx.registry.manifest(body.version)  # 404 before any work
-    report = await asyncio.to_thread(ctx.loader.swap_to, body.version, expected_current=_expect(body),
+    report = await asyncio.to_thread(ctx.lifecycle.swap_to, body.version, expected_current=_expect(body),
                                      event="promote", actor="admin", watch_seconds=body.watch_seconds)
     return report.to_json()
 
@@ -50,13 +50,13 @@ async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
 @router.get("/model/watch")
 async def watch(ctx: CtxDep) -> dict[str, Any]:
     """The last post-swap watch: watching, passed, rolled_back, inconclusive or superseded."""
-    return {"watch": ctx.loader.watch.current()}
+    return {"watch": ctx.lifecycle.watch.current()}
 
 
 @router.post("/model/rollback")
 async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, Any]:
     target = ctx.registry.rollback_target()
-    report = await asyncio.to_thread(ctx.loader.swap_to, target, expected_current=_expect(body),
+    report = await asyncio.to_thread(ctx.lifecycle.swap_to, target, expected_current=_expect(body),
                                      event="rollback", actor="admin")
     return report.to_json()
 
@@ -64,38 +64,38 @@ async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, 
 @router.post("/model/reload")
 async def reload(ctx: CtxDep) -> dict[str, Any]:
     """Build the current version afresh beside itself (e.g. after a suspected leak), blue/green."""
-    current = ctx.loader.live_version or ctx.registry.state().current
+    current = ctx.lifecycle.live_version or ctx.registry.state().current
     if current is None:
         raise NotReady("nothing to reload: no version is current")
-    report = await asyncio.to_thread(ctx.loader.swap_to, current, event="reload", actor="admin",
+    report = await asyncio.to_thread(ctx.lifecycle.swap_to, current, event="reload", actor="admin",
                                      commit_registry=False)
     return report.to_json()
 
 
 @router.post("/model/load")
 async def load(ctx: CtxDep) -> dict[str, Any]:
-    if ctx.loader.live is not None:
-        raise Conflict(f"version {ctx.loader.live_version!r} is already loaded; use update or reload")
-    report = await asyncio.to_thread(ctx.loader.load, actor="admin")
+    if ctx.lifecycle.live is not None:
+        raise Conflict(f"version {ctx.lifecycle.live_version!r} is already loaded; use update or reload")
+    report = await asyncio.to_thread(ctx.lifecycle.load, actor="admin")
     if report is None:
-        raise NotReady(ctx.loader.not_ready_reason())
+        raise NotReady(ctx.lifecycle.not_ready_reason())
     return report.to_json()
 
 
 @router.post("/model/unload")
 async def unload(ctx: CtxDep) -> dict[str, Any]:
-    return await asyncio.to_thread(ctx.loader.unload, actor="admin")
+    return await asyncio.to_thread(ctx.lifecycle.unload, actor="admin")
 
 
 @router.get("/model/versions")
 async def versions(ctx: CtxDep) -> dict[str, Any]:
     state = ctx.registry.state()
-    loaded = set(ctx.loader.loaded_versions())
+    loaded = set(ctx.lifecycle.loaded_versions())
     return {
         "current": state.current,
         "previous": state.previous,
         "generation": state.generation,
-        "live": ctx.loader.live_version,
+        "live": ctx.lifecycle.live_version,
         "versions": [
             {**m.to_json(), "current": m.name == state.current, "previous": m.name == state.previous,
              "loaded": m.name in loaded, "golden_smoke": bool(m.smoke)}
@@ -121,7 +121,7 @@ async def upload_version(
 
 @router.delete("/model/versions/{name}")
 async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
-    if name in ctx.loader.loaded_versions():
+    if name in ctx.lifecycle.loaded_versions():
         raise Conflict(f"version {name!r} is loaded and cannot be removed")
     await asyncio.to_thread(ctx.registry.remove, name, actor="admin")
     return {"removed": name}

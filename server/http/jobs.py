@@ -16,8 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady, PayloadTooLarge
 from server.http.deps import CtxDep
 from server.http.transcribe import Language
-from server.service.jobs import Job, JobRunner, JobStore, NewJob
+from server.service.jobs import JobRunner
 from server.speech.formats import cues, to_srt, to_vtt
+from server.storage.job_records import Job, NewJob
+from server.storage.job_store import JobStore
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Status = Literal["pending", "running", "completed", "failed", "cancelled"]

@@ -77,7 +77,7 @@ class RequestContextMiddleware:
                         if key.lower() == b"x-model-version":
                             status["version"] = value.decode()
                     raw.append((b"x-request-id", request_id.encode()))
-                    if self.ctx.loader.draining:
+                    if self.ctx.lifecycle.draining:
                         # a client told to close now never races the idle-connection close at shutdown
                         raw.append((b"connection", b"close"))
                     message["headers"] = raw

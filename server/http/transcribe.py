@@ -93,11 +93,11 @@ async def openai_transcriptions(
 
 @router.get("/v1/models", tags=["openai"])
 async def list_models(ctx: CtxDep) -> dict[str, Any]:
-    loaded = set(ctx.loader.loaded_versions())
+    loaded = set(ctx.lifecycle.loaded_versions())
     return {
         "object": "list",
         "data": [{"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "voxswap",
-                  "loaded": m.name in loaded, "live": m.name == ctx.loader.live_version}
+                  "loaded": m.name in loaded, "live": m.name == ctx.lifecycle.live_version}
                  for m in ctx.registry.versions()],
     }
 
@@ -105,9 +105,9 @@ async def list_models(ctx: CtxDep) -> dict[str, Any]:
 def _readiness(ctx: Any) -> tuple[bool, str]:
     if ctx.shutting_down:
         return False, "shutting down"
-    if ctx.loader.live is None:
-        return False, ctx.loader.not_ready_reason()
-    lagging = ctx.loader.convergence_problem()
+    if ctx.lifecycle.live is None:
+        return False, ctx.lifecycle.not_ready_reason()
+    lagging = ctx.lifecycle.convergence_problem()
     if lagging:
         return False, lagging
     return True, "serving"
@@ -115,8 +115,8 @@ def _readiness(ctx: Any) -> tuple[bool, str]:
 
 def _health_response(ctx: Any) -> JSONResponse:
     ready, reason = _readiness(ctx)
-    body = {"status": "healthy" if ready else "unavailable", "model_version": ctx.loader.live_version,
-            "state": ctx.loader.state.value}
+    body = {"status": "healthy" if ready else "unavailable", "model_version": ctx.lifecycle.live_version,
+            "state": ctx.lifecycle.state.value}
     if not ready:
         body["reason"] = reason
     return JSONResponse(body, status_code=200 if ready else 503,
@@ -147,14 +147,14 @@ async def metrics(ctx: CtxDep) -> Response:
 
 @router.get("/api/system/status", tags=["status"])
 async def status(ctx: CtxDep) -> dict[str, Any]:
-    loader = ctx.loader
-    live = loader.live
+    lifecycle = ctx.lifecycle
+    live = lifecycle.live
     state = ctx.registry.state()
     ready, reason = _readiness(ctx)
     return {
         "ready": ready,
         "reason": reason,
-        "state": "shutting_down" if ctx.shutting_down else loader.state.value,
+        "state": "shutting_down" if ctx.shutting_down else lifecycle.state.value,
         "model_loaded": live is not None,
         "model_version": live.version if live else None,
         "model_path": str(live.path) if live else None,
@@ -166,15 +166,15 @@ async def status(ctx: CtxDep) -> dict[str, Any]:
         "previous_version": state.previous,
         "registry_current": state.current,
         "registry_generation": state.generation,
-        "swapping": loader.swapping,
-        "last_error": loader.last_error,
-        "in_flight": loader.in_flight(),
+        "swapping": lifecycle.swapping,
+        "last_error": lifecycle.last_error,
+        "in_flight": lifecycle.in_flight(),
         "queued": ctx.pool.queued,
         "resident_memory_bytes": ctx.metrics.refresh_process(),
         "pid": os.getpid(),
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "registry": str(ctx.registry.root),
-        "workers": [w.to_json() for w in ctx.loader.board.workers()],
-        "rollout": rollout.to_json() if (rollout := ctx.loader.board.rollout()) else None,
-        "watch": ctx.loader.watch.current(),
+        "workers": [w.to_json() for w in ctx.lifecycle.board.workers()],
+        "rollout": rollout.to_json() if (rollout := ctx.lifecycle.board.rollout()) else None,
+        "watch": ctx.lifecycle.watch.current(),
     }

@@ -1,6 +1,6 @@
 """Blue/green model loading: leases for requests, one swap at a time, proof that memory came back.
 
-A request takes a lease on the live version (``with loader.lease() as model:``) and is answered
+A request takes a lease on the live version (``with lifecycle.lease() as model:``) and is answered
 by, and labelled with, the version it leased, whatever happens to the pointer meanwhile. A swap:
 
 1. verify the version's checksums,
@@ -48,7 +48,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.storage.registry import ANY_CURRENT, Manifest, Registry
 
-log = logging.getLogger("voxswap.loader")
+log = logging.getLogger("voxswap.lifecycle")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # backoff of a load that failed in this process only
 
 
@@ -130,7 +130,7 @@ def malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class ModelLoader:
+class ModelLifecycle:
     """Holds the live version of one process and performs every change to it."""
 
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics):

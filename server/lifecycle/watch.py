@@ -25,7 +25,7 @@ from server.errors import VoxswapError
 from server.storage.registry import write_json_atomic
 
 if TYPE_CHECKING:
-    from server.lifecycle.policy import ModelLoader
+    from server.lifecycle.policy import ModelLifecycle
     from server.settings import Settings
 
 log = logging.getLogger("voxswap.watch")
@@ -151,10 +151,10 @@ class WatchState:
 
 
 class PostSwapWatch:
-    def __init__(self, loader: ModelLoader):
-        self.loader = loader
-        self.settings = loader.settings
-        self.path = loader.registry.root / "watch.json"
+    def __init__(self, lifecycle: ModelLifecycle):
+        self.lifecycle = lifecycle
+        self.settings = lifecycle.settings
+        self.path = lifecycle.registry.root / "watch.json"
         self._thread: threading.Thread | None = None
 
     @property
@@ -173,7 +173,7 @@ class PostSwapWatch:
         state = WatchState(version=version, previous=previous, state="watching", started_at=now,
                            until=now + seconds)
         write_json_atomic(self.path, state.to_json())
-        self.loader.registry.record("watch_start", version=version, previous=previous, seconds=seconds,
+        self.lifecycle.registry.record("watch_start", version=version, previous=previous, seconds=seconds,
                                     pid=os.getpid())
         self._thread = threading.Thread(target=self._run, args=(state,), name="voxswap-watch", daemon=True)
         self._thread.start()
@@ -183,13 +183,13 @@ class PostSwapWatch:
         # the baseline is taken once, now: heartbeats keep only KEEP_S of samples, and a long watch
         # would otherwise see the old version's numbers age away and compare with nothing
         baseline_from = state.started_at - max(60.0, state.until - state.started_at)
-        old = aggregate(self.loader.stats_of_all_workers(), state.previous, baseline_from, state.started_at)
+        old = aggregate(self.lifecycle.stats_of_all_workers(), state.previous, baseline_from, state.started_at)
         while True:
             time.sleep(0.25)
-            if self.loader.live_version != state.version:
-                self._finish(state, "superseded", f"{self.loader.live_version!r} is live now")
+            if self.lifecycle.live_version != state.version:
+                self._finish(state, "superseded", f"{self.lifecycle.live_version!r} is live now")
                 return
-            summaries = self.loader.stats_of_all_workers()
+            summaries = self.lifecycle.stats_of_all_workers()
             new = aggregate(summaries, state.version, state.started_at, time.time() + 1)
             state.new, state.old = new.to_json(), old.to_json()
             verdict = judge(new, old, self.settings)
@@ -209,7 +209,7 @@ class PostSwapWatch:
         log.warning("watch failed; rolling back", extra={"event": "auto_rollback", "version": state.version,
                                                          "to_version": state.previous, "reason": reason})
         try:
-            self.loader.swap_to(state.previous, expected_current=state.version, event="auto_rollback",
+            self.lifecycle.swap_to(state.previous, expected_current=state.version, event="auto_rollback",
                                 actor="watch", watch_seconds=0)
         except VoxswapError as exc:
             self._finish(state, "rollback_failed", f"{reason}; rolling back failed: {exc.message}")
@@ -219,6 +219,6 @@ class PostSwapWatch:
     def _finish(self, state: WatchState, outcome: str, reason: str) -> None:
         state.state, state.reason = outcome, reason
         write_json_atomic(self.path, state.to_json())
-        self.loader.registry.record("watch_" + outcome, version=state.version, previous=state.previous,
+        self.lifecycle.registry.record("watch_" + outcome, version=state.version, previous=state.previous,
                                     reason=reason, new=state.new, old=state.old)
         log.info("watch finished", extra={"event": "watch_" + outcome, "version": state.version, "reason": reason})

@@ -30,9 +30,9 @@ async def follow_registry(ctx: AppContext) -> None:
             signature = ctx.registry.state_signature()
             if signature != last or pending:
                 last = signature
-                pending = not await asyncio.to_thread(ctx.loader.follow_registry)
-            if ctx.loader.board.rollout_path.exists() or ctx.loader.has_candidate:
-                await asyncio.to_thread(ctx.loader.follow_rollout)
+                pending = not await asyncio.to_thread(ctx.lifecycle.follow_registry)
+            if ctx.lifecycle.board.rollout_path.exists() or ctx.lifecycle.has_candidate:
+                await asyncio.to_thread(ctx.lifecycle.follow_rollout)
         except Exception:  # the watcher must survive anything one swap does, and try again
             pending = True
             log.exception("following the registry failed", extra={"event": "watch_error"})
@@ -44,16 +44,16 @@ async def heartbeat(ctx: AppContext) -> None:
     while True:
         try:
             ctx.metrics.refresh_process()
-            await asyncio.to_thread(ctx.loader.publish)
+            await asyncio.to_thread(ctx.lifecycle.publish)
             if ctx.jobs is not None and ctx.jobs.store.exists():
                 ctx.metrics.jobs_pending.set(await asyncio.to_thread(ctx.jobs.store.pending))
             if beats % 10 == 0:
-                await asyncio.to_thread(ctx.loader.board.sweep)
+                await asyncio.to_thread(ctx.lifecycle.board.sweep)
         except Exception:
             log.exception("heartbeat failed", extra={"event": "heartbeat_error"})
         # a watch runs in the process that swapped, which is the one a swap pushes over budget:
         # recycling it mid-watch would leave the verdict at "watching" for good
-        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not ctx.loader.watch.running:
+        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not ctx.lifecycle.watch.running:
             await asyncio.to_thread(try_recycle, ctx)
         beats += 1
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
@@ -77,7 +77,7 @@ def check_memory_budget(ctx: AppContext, report: SwapReport) -> None:
 def try_recycle(ctx: AppContext) -> None:
     """Leave gracefully so gunicorn starts a fresh worker, but only when every other worker serves
     and no other worker is being recycled: one at a time, never a gap in capacity."""
-    peers = ctx.loader.board.peers()
+    peers = ctx.lifecycle.board.peers()
     if len(peers) + 1 < ctx.settings.workers or any(p.state != "ready" for p in peers):
         return
     handle = (ctx.registry.root / ".recycle.lock").open("a")
@@ -88,7 +88,7 @@ def try_recycle(ctx: AppContext) -> None:
         return
     ctx._recycle_lock = handle  # held until this process exits; the next worker waits for it
     ctx.recycling = True
-    ctx.registry.record("recycle", pid=os.getpid(), version=ctx.loader.live_version, actor="memory_budget",
+    ctx.registry.record("recycle", pid=os.getpid(), version=ctx.lifecycle.live_version, actor="memory_budget",
                         outcome="started", reason=ctx.recycle_reason)
     log.warning("recycling this worker", extra={"event": "recycle", "reason": ctx.recycle_reason})
     os.kill(os.getpid(), signal.SIGTERM)
@@ -100,7 +100,7 @@ def begin_shutdown(ctx: AppContext) -> bool:
     Returns whether peers on the same listening socket cover for this worker (it is being
     recycled), so it can stop accepting at once instead of waiting for a load balancer to notice.
     """
-    ctx.loader.draining = True
+    ctx.lifecycle.draining = True
     if ctx.recycling:
         return True  # peers keep this instance ready; only this worker leaves
     if not ctx.shutting_down:
@@ -108,5 +108,5 @@ def begin_shutdown(ctx: AppContext) -> bool:
         log.info("shutdown requested: readiness is 503, still serving",
                  extra={"event": "shutdown_begin", "delay_s": ctx.settings.shutdown_delay_s})
         with suppress(OSError):
-            ctx.loader.publish()
+            ctx.lifecycle.publish()
     return False

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
-from server.lifecycle.policy import ModelLoader
+from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
 from server.service.jobs import JobRunner
@@ -27,7 +27,7 @@ class AppContext:
     settings: Settings
     registry: Registry
     metrics: Metrics
-    loader: ModelLoader
+    lifecycle: ModelLifecycle
     pool: InferencePool
     service: TranscriptionService
     started_at: float = field(default_factory=time.time)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server.lifecycle.policy import LoadedModel, ModelLoader
+from server.lifecycle.policy import LoadedModel, ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
 from server.settings import Settings
@@ -56,8 +56,8 @@ class Transcription:
 
 
 class TranscriptionService:
-    def __init__(self, loader: ModelLoader, pool: InferencePool, settings: Settings, metrics: Metrics):
-        self.loader = loader
+    def __init__(self, lifecycle: ModelLifecycle, pool: InferencePool, settings: Settings, metrics: Metrics):
+        self.lifecycle = lifecycle
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
@@ -75,19 +75,19 @@ class TranscriptionService:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into."""
         spans = segmenter.split(samples, window_s=self.settings.segment_window_s)
-        with self.loader.lease(version) as model:
+        with self.lifecycle.lease(version) as model:
             started = time.perf_counter()
             raws: list[str] = []
             try:
                 for batch in segmenter.batches(spans, self.settings.segment_batch_size):
                     raws += self.run_batch(model, samples, batch, language, use_itn)
             except Exception:
-                self.loader.stats.record(model.version, ok=False, empty=False,
+                self.lifecycle.stats.record(model.version, ok=False, empty=False,
                                          latency_s=time.perf_counter() - started)
                 raise
             elapsed = time.perf_counter() - started
         result = self.assemble(model.version, samples, spans, raws, elapsed)
-        self.loader.stats.record(model.version, ok=True, empty=not result.text, latency_s=elapsed)
+        self.lifecycle.stats.record(model.version, ok=True, empty=not result.text, latency_s=elapsed)
         log.debug("transcribed", extra={"event": "transcribed", "version": model.version,
                                         "audio_s": round(result.duration_s, 3), "inference_s": round(elapsed, 4),
                                         "segments": len(spans)})

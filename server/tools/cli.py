@@ -244,14 +244,14 @@ def _registry_verify(args: argparse.Namespace) -> int:
 
 def _checked_promote(args: argparse.Namespace, name: str, event: str) -> int:
     """The CLI's promote: the same verify + load + smoke as a server swap, then the pointer."""
-    from server.lifecycle.policy import ModelLoader
+    from server.lifecycle.policy import ModelLifecycle
     from server.metrics import Metrics
     from server.storage.registry import Registry
 
     settings = _settings(args)
     registry = Registry(settings.registry)
-    loader = ModelLoader(registry, settings, Metrics())
-    report = loader.check(name, event=event)
+    lifecycle = ModelLifecycle(registry, settings, Metrics())
+    report = lifecycle.check(name, event=event)
     state = registry.promote(name, actor="cli", event=event,
                              details={"timings": report.to_json()["timings"]})
     smoke = report.smoke or {}

@@ -1,0 +1,126 @@
+"""A batch job as stored: its row, its JSON shape for the API, and the schema of the table."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    filename TEXT NOT NULL,
+    input_name TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    language TEXT NOT NULL,
+    use_itn INTEGER NOT NULL,
+    webhook_url TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    model_version TEXT,
+    duration_s REAL,
+    processing_ms REAL,
+    error TEXT,
+    webhook_status TEXT,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner) WHERE owner IS NOT NULL;
+"""
+
+
+class JobResult(Protocol):
+    """What completing a job stores: any transcription with these fields (the service's own)."""
+
+    model_version: str
+    duration_s: float
+    processing_ms: float
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    filename: str
+    input_name: str
+    size_bytes: int
+    status: str
+    language: str
+    use_itn: bool
+    webhook_url: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: float
+    attempts: int
+    owner: str | None
+    model_version: str | None
+    duration_s: float | None
+    processing_ms: float | None
+    error: str | None
+    webhook_status: str | None
+    webhook_attempts: int
+    webhook_error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = {k: row[k] for k in row.keys() if k != "seq"}  # noqa: SIM118 (a Row is no mapping)
+        data["use_itn"] = bool(data["use_itn"])
+        return cls(**data)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def to_json(self) -> dict[str, Any]:
+        queued_until = self.started_at or self.finished_at
+        return {
+            "id": self.id,
+            "status": self.status,
+            "filename": self.filename,
+            "size_bytes": self.size_bytes,
+            "language": self.language,
+            "use_itn": self.use_itn,
+            "progress": round(self.progress, 4),
+            "attempts": self.attempts,
+            "model_version": self.model_version,
+            "duration_s": self.duration_s,
+            "processing_ms": None if self.processing_ms is None else round(self.processing_ms, 2),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "timings": {
+                "queued_s": None if queued_until is None else round(queued_until - self.created_at, 3),
+                "running_s": (round(self.finished_at - self.started_at, 3)
+                              if self.finished_at and self.started_at else None),
+            },
+            "error": self.error,
+            "webhook": None if not self.webhook_url else {
+                "url": self.webhook_url, "status": self.webhook_status, "attempts": self.webhook_attempts,
+                "error": self.webhook_error,
+            },
+            "result_url": f"/api/jobs/{self.id}/result",
+        }
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """An upload already written to its job folder, waiting for its row."""
+
+    id: str
+    filename: str
+    input_name: str
+    size_bytes: int
