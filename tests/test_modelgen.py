@@ -11,7 +11,7 @@ import psutil
 import pytest
 from funasr_onnx import SenseVoiceSmall
 
-from server.lifecycle.policy import malloc_trim
+from server.lifecycle.holder import malloc_trim
 from server.testing import synth
 from server.testing.modelgen import LANGUAGE_IDS, read_test_model_props
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 
 from server.app import create_app
-from server.lifecycle.watch import VersionStats, Window, aggregate, judge
+from server.lifecycle.stats import VersionStats, Window, aggregate
+from server.lifecycle.watch import judge
 from server.settings import Settings
 from server.storage.registry import Registry
 from server.testing import synth

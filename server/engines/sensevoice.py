@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko", "nospeech")
-
 
 class EngineLoadError(Exception):
     """The version's files could not be turned into a working session."""
@@ -77,6 +75,10 @@ class Engine:
     def close(self) -> None:
         """Drop the session so its memory can be given back; the engine is unusable afterwards."""
         self.__dict__.pop("_model", None)
+
+    @property
+    def closed(self) -> bool:
+        return "_model" not in self.__dict__
 
 
 def available_providers() -> list[str]:

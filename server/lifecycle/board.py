@@ -27,6 +27,7 @@ from typing import Any
 
 from server.errors import SwapInProgress
 from server.storage.registry import Registry, write_json_atomic
+from server.vocab import HistoryEvent
 
 HEARTBEAT_STALE_S = 5.0
 
@@ -134,6 +135,18 @@ class WorkerBoard:
                     with suppress(FileNotFoundError):
                         path.unlink()
 
+    def convergence_problem(self, *, grace_s: float) -> str | None:
+        """A live worker still serving another version than the registry's, ``grace_s`` after the
+        commit: the instance serves, but must not count as ready until it has converged."""
+        state = self.registry.state()
+        if state.held or not state.current or time.time() - state.updated_at < grace_s:
+            return None
+        for worker in self.workers():
+            if not worker.draining and worker.version != state.current:
+                return (f"worker {worker.pid} serves {worker.version!r} but the registry's current version "
+                        f"is {state.current!r} (committed {time.time() - state.updated_at:.0f} s ago)")
+        return None
+
     # -- rollouts --------------------------------------------------------------------------
 
     def rollout(self) -> Rollout | None:
@@ -175,7 +188,7 @@ class WorkerBoard:
             if current and current.stale():
                 self.rollout_path.unlink()
                 if current.phase == "staging":
-                    self.registry.record("rollout_abandoned", version=current.version, outcome="aborted",
+                    self.registry.record(HistoryEvent.ROLLOUT_ABANDONED, version=current.version, outcome="aborted",
                                          coordinator_pid=current.coordinator_pid, rollout=current.id)
 
     def end(self, rollout: Rollout) -> None:

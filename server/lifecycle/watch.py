@@ -17,97 +17,29 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from server.errors import VoxswapError
-from server.storage.registry import write_json_atomic
-
-if TYPE_CHECKING:
-    from server.lifecycle.policy import ModelLifecycle
-    from server.settings import Settings
+from server.lifecycle.stats import Window, aggregate
+from server.settings import Settings
+from server.storage.registry import Registry, write_json_atomic
+from server.vocab import HistoryEvent
 
 log = logging.getLogger("voxswap.watch")
-KEEP_S = 600.0
-LATENCY_SAMPLES = 256
+
+
+class Watched(Protocol):
+    """What the watch needs of the model it watches, and nothing more (the lifecycle provides it)."""
+
+    @property
+    def live_version(self) -> str | None: ...
+
+    def stats_of_all_workers(self) -> list[dict[str, dict[str, Any]]]: ...
+
+    def roll_back_to(self, version: str, *, from_version: str) -> None:
+        """Swap back to ``version`` unless ``from_version`` is no longer current; raise if refused."""
 ALL_EMPTY = 0.95  # with no traffic before the swap to compare with, only this empty share is damning
-
-
-@dataclass
-class Sample:
-    at: float
-    ok: bool
-    empty: bool
-    latency_s: float
-
-
-class VersionStats:
-    """Recent request outcomes per version, in this process."""
-
-    def __init__(self) -> None:
-        self._samples: dict[str, deque[Sample]] = {}
-        self._lock = threading.Lock()
-
-    def record(self, version: str, *, ok: bool, empty: bool, latency_s: float) -> None:
-        with self._lock:
-            samples = self._samples.setdefault(version, deque(maxlen=4096))
-            samples.append(Sample(time.time(), ok, empty, latency_s))
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """What goes into the heartbeat: per version, timestamps and outcomes of recent requests."""
-        cutoff = time.time() - KEEP_S
-        with self._lock:
-            return {
-                version: {"at": [round(s.at, 3) for s in samples if s.at >= cutoff][-1024:],
-                          "ok": [s.ok for s in samples if s.at >= cutoff][-1024:],
-                          "empty": [s.empty for s in samples if s.at >= cutoff][-1024:],
-                          "latency": [round(s.latency_s, 4) for s in samples if s.at >= cutoff][-1024:]}
-                for version, samples in self._samples.items()
-            }
-
-
-@dataclass
-class Window:
-    requests: int = 0
-    errors: int = 0
-    empty: int = 0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
-
-    @property
-    def empty_rate(self) -> float:
-        return self.empty / self.requests if self.requests else 0.0
-
-    @property
-    def p95_s(self) -> float | None:
-        ok = sorted(self.latencies)
-        return ok[min(len(ok) - 1, int(0.95 * len(ok)))] if ok else None
-
-    def to_json(self) -> dict[str, Any]:
-        p95 = self.p95_s
-        return {"requests": self.requests, "errors": self.errors, "empty": self.empty,
-                "error_rate": round(self.error_rate, 4), "empty_rate": round(self.empty_rate, 4),
-                "p95_ms": round(p95 * 1000, 2) if p95 is not None else None}
-
-
-def aggregate(summaries: list[dict[str, dict[str, Any]]], version: str, since: float, until: float) -> Window:
-    window = Window()
-    for summary in summaries:
-        data = summary.get(version)
-        if not data:
-            continue
-        for at, ok, empty, latency in zip(data["at"], data["ok"], data["empty"], data["latency"], strict=True):
-            if since <= at < until:
-                window.requests += 1
-                window.errors += 0 if ok else 1
-                window.empty += 1 if (ok and empty) else 0
-                if ok:
-                    window.latencies.append(latency)
-    return window
 
 
 def judge(new: Window, old: Window, s: Settings) -> str | None:
@@ -151,10 +83,13 @@ class WatchState:
 
 
 class PostSwapWatch:
-    def __init__(self, lifecycle: ModelLifecycle):
-        self.lifecycle = lifecycle
-        self.settings = lifecycle.settings
-        self.path = lifecycle.registry.root / "watch.json"
+    """Runs one watch at a time, in a thread of the process that swapped."""
+
+    def __init__(self, watched: Watched, registry: Registry, settings: Settings):
+        self.watched = watched
+        self.registry = registry
+        self.settings = settings
+        self.path = registry.root / "watch.json"
         self._thread: threading.Thread | None = None
 
     @property
@@ -173,7 +108,7 @@ class PostSwapWatch:
         state = WatchState(version=version, previous=previous, state="watching", started_at=now,
                            until=now + seconds)
         write_json_atomic(self.path, state.to_json())
-        self.lifecycle.registry.record("watch_start", version=version, previous=previous, seconds=seconds,
+        self.registry.record(HistoryEvent.WATCH_START, version=version, previous=previous, seconds=seconds,
                                     pid=os.getpid())
         self._thread = threading.Thread(target=self._run, args=(state,), name="voxswap-watch", daemon=True)
         self._thread.start()
@@ -183,13 +118,13 @@ class PostSwapWatch:
         # the baseline is taken once, now: heartbeats keep only KEEP_S of samples, and a long watch
         # would otherwise see the old version's numbers age away and compare with nothing
         baseline_from = state.started_at - max(60.0, state.until - state.started_at)
-        old = aggregate(self.lifecycle.stats_of_all_workers(), state.previous, baseline_from, state.started_at)
+        old = aggregate(self.watched.stats_of_all_workers(), state.previous, baseline_from, state.started_at)
         while True:
             time.sleep(0.25)
-            if self.lifecycle.live_version != state.version:
-                self._finish(state, "superseded", f"{self.lifecycle.live_version!r} is live now")
+            if self.watched.live_version != state.version:
+                self._finish(state, "superseded", f"{self.watched.live_version!r} is live now")
                 return
-            summaries = self.lifecycle.stats_of_all_workers()
+            summaries = self.watched.stats_of_all_workers()
             new = aggregate(summaries, state.version, state.started_at, time.time() + 1)
             state.new, state.old = new.to_json(), old.to_json()
             verdict = judge(new, old, self.settings)
@@ -209,8 +144,7 @@ class PostSwapWatch:
         log.warning("watch failed; rolling back", extra={"event": "auto_rollback", "version": state.version,
                                                          "to_version": state.previous, "reason": reason})
         try:
-            self.lifecycle.swap_to(state.previous, expected_current=state.version, event="auto_rollback",
-                                actor="watch", watch_seconds=0)
+            self.watched.roll_back_to(state.previous, from_version=state.version)
         except VoxswapError as exc:
             self._finish(state, "rollback_failed", f"{reason}; rolling back failed: {exc.message}")
             return
@@ -219,6 +153,6 @@ class PostSwapWatch:
     def _finish(self, state: WatchState, outcome: str, reason: str) -> None:
         state.state, state.reason = outcome, reason
         write_json_atomic(self.path, state.to_json())
-        self.lifecycle.registry.record("watch_" + outcome, version=state.version, previous=state.previous,
+        self.registry.record(HistoryEvent(f"watch_{outcome}"), version=state.version, previous=state.previous,
                                     reason=reason, new=state.new, old=state.old)
         log.info("watch finished", extra={"event": "watch_" + outcome, "version": state.version, "reason": reason})
