@@ -15,6 +15,8 @@ import pytest
 
 from bench import run
 
+pytestmark = pytest.mark.e2e  # the throughput part runs voxswap under gunicorn with 2 workers
+
 SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,6 +24,12 @@ def _settings(reg: Registry) -> Settings:
     # an operator who turned the post-swap watch on for every swap, not only deploy's
     return Settings(registry=reg.root, admin_token=TOKEN, seed_demo=False, watch_interval_s=0.05,  # type: ignore[arg-type]
                     watch_seconds=3, watch_min_requests=5)
+
+
+def _verdict(url: str) -> dict[str, Any] | None:
+    """The last post-swap watch of the instance at ``url``, once it has ruled."""
+    watch: dict[str, Any] | None = httpx.get(f"{url}/admin/model/watch", headers=AUTH).json()["watch"]
+    return watch if watch is not None and watch["state"] != "watching" else None
 
 
 def test_a_failed_deploy_restores_the_old_version_and_no_watch_undoes_it(
@@ -52,10 +58,12 @@ def test_a_failed_deploy_restores_the_old_version_and_no_watch_undoes_it(
         assert done.returncode == 1, done.stdout + done.stderr
         assert "smoke" in done.stdout and "rolled back to old" in done.stdout, done.stdout
         settled = load.count()
-        time.sleep(4)  # longer than the servers' own 3 s watch, under traffic
-        assert load.count() > settled + 5
+        wait_until(lambda: load.count() > settled + 5, timeout_s=60,
+                   message="traffic on the restored version, enough for a watch to rule on")
+        # a watch started by the rollback would still be watching, or would have swapped new back in
+        watch = wait_until(lambda: _verdict(one), timeout_s=60, message="the last watch's verdict")
         status = httpx.get(f"{one}/api/system/status").json()
-        watch = httpx.get(f"{one}/admin/model/watch", headers=AUTH).json()["watch"]
+    assert watch["version"] == "new", watch  # deploy's own watch is the last one: the rollback started none
     assert (status["model_version"], first.state().current) == ("old", "old"), watch
     assert second.state().current == "old"
     assert load.failures() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from server.app import create_app
 from server.errors import Conflict, NotFound, RegistryError, UnexpectedCurrent, VerificationFailed
 from server.settings import Settings
 from server.storage.registry import Registry
+from testkit.harness import wait_until
 from tests.conftest import TEXT_A
 
 
@@ -115,6 +117,16 @@ def test_remove_refuses_current_and_previous(registry: Registry, model_dir: Call
     assert registry.history()[-1]["event"] == "remove"
 
 
+def _waiting_for_the_lock(thread: threading.Thread, registry: Registry) -> bool:
+    """``thread`` is in ``Registry.promote``, inside the file lock's acquire (which polls until free)."""
+    codes = set()
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        codes.add(frame.f_code)
+        frame = frame.f_back
+    return {Registry.promote.__code__, type(registry.lock).acquire.__code__} <= codes
+
+
 def test_a_promote_waiting_on_a_remove_of_its_version_refuses_instead_of_pointing_nowhere(
     registry: Registry,
 ) -> None:
@@ -131,7 +143,8 @@ def test_a_promote_waiting_on_a_remove_of_its_version_refuses_instead_of_pointin
     with registry.lock:  # what remove holds while it takes the folder away
         waiter = threading.Thread(target=promote_b)
         waiter.start()
-        time.sleep(0.3)
+        wait_until(lambda: _waiting_for_the_lock(waiter, registry), timeout_s=10,
+                   message="promote to wait for the registry lock")
         assert not outcome, "promote must wait for the lock"
         registry.remove("b")
     waiter.join(10)

@@ -28,7 +28,7 @@ from server.lifecycle.policy import ModelLifecycle
 from server.service.inference import InferencePool
 from server.service.transcription import Transcription, TranscriptionService
 from server.settings import Settings
-from server.speech import audio, segmenter
+from server.speech import audio
 from server.storage.job_records import Job
 from server.storage.job_store import JobStore
 
@@ -178,37 +178,28 @@ class JobRunner:
         self._notify(finished)
 
     async def _transcribe(self, job: Job, samples: NDArray[np.float32]) -> Transcription:
-        """Segment batches through the shared pool, each when it is our turn, all on one version.
+        """The routes' pipeline at a job's pace: one batch per inference call, each when it is our
+        turn, with the progress stored (and a cancel noticed) after each.
 
         A lease is held per batch, not per file, so a swap never waits for a long job to drain: when
         the version a job started on is gone, the job starts over on the live one, and a result is
         always the work of the one version it records.
         """
-        spans = segmenter.split(samples, window_s=self.settings.segment_window_s)
-        batches = segmenter.batches(spans, self.settings.segment_batch_size)
+        file = await asyncio.to_thread(self.service.file, samples, language=job.language, use_itn=job.use_itn)
         for restart in range(MAX_RESTARTS + 1):
-            version: str | None = None
-            raws: list[str] = []
-            elapsed = 0.0
             try:
-                for done, batch in enumerate(batches, 1):
+                while not file.finished:
                     await self._wait_for_turn()
-                    started = time.perf_counter()
-                    with self.lifecycle.lease(version) as model:
-                        version = model.version
-                        raws += await self.pool.run(self.service.run_batch, model, samples, batch,
-                                                    job.language, job.use_itn)
-                    elapsed += time.perf_counter() - started
-                    if not await asyncio.to_thread(self.store.progress, job.id, self.owner, done / len(batches)):
+                    await self.pool.run(file.run, 1)
+                    if not await asyncio.to_thread(self.store.progress, job.id, self.owner, file.progress):
                         raise JobCancelled(job.id)
+                return file.result()
             except VersionNotLoaded:
                 if restart == MAX_RESTARTS:
                     raise
                 log.info("the job's version was swapped out; starting over on the live one",
-                         extra={"event": "job_restart", "job": job.id, "version": version})
-                continue
-            assert version is not None
-            return self.service.assemble(version, samples, spans, raws, elapsed)
+                         extra={"event": "job_restart", "job": job.id, "version": file.version})
+                file.restart()
         raise AssertionError("unreachable")
 
     # -- webhooks -----------------------------------------------------------------------------

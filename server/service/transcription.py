@@ -1,7 +1,8 @@
-"""Transcription as the routes see it: bytes in, a labelled, parsed transcript out.
+"""Transcription as routes and batch jobs see it: audio in, a labelled, parsed transcript out.
 
 Routes call this service; the service decodes audio, admits the request to the inference pool,
-leases a model version inside the inference thread and labels the answer with that version.
+leases a model version inside the inference thread and labels the answer with that version. Batch
+jobs drive the same :class:`FileTranscription` one batch at a time (see ``server.service.jobs``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server.lifecycle.policy import LoadedModel, ModelLifecycle
+from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
 from server.settings import Settings
@@ -73,41 +74,97 @@ class TranscriptionService:
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
-        whole file, however many segments long audio is cut into."""
-        spans = segmenter.split(samples, window_s=self.settings.segment_window_s)
-        with self.lifecycle.lease(version) as model:
-            started = time.perf_counter()
-            raws: list[str] = []
-            try:
-                for batch in segmenter.batches(spans, self.settings.segment_batch_size):
-                    raws += self.run_batch(model, samples, batch, language, use_itn)
-            except Exception:
-                self.lifecycle.stats.record(model.version, ok=False, empty=False,
-                                         latency_s=time.perf_counter() - started)
-                raise
-            elapsed = time.perf_counter() - started
-        result = self.assemble(model.version, samples, spans, raws, elapsed)
-        self.lifecycle.stats.record(model.version, ok=True, empty=not result.text, latency_s=elapsed)
-        log.debug("transcribed", extra={"event": "transcribed", "version": model.version,
-                                        "audio_s": round(result.duration_s, 3), "inference_s": round(elapsed, 4),
-                                        "segments": len(spans)})
+        whole file, however many segments long audio is cut into.
+
+        Only requests feed the post-swap watch: a batch job's minutes of audio are no request
+        latency, and counting them would judge a new version by the jobs it happened to get.
+        """
+        file = self.file(samples, language=language, use_itn=use_itn, version=version)
+        try:
+            file.run()
+        except Exception:
+            if file.version is not None:  # a refused lease is no outcome of any version
+                self.lifecycle.stats.record(file.version, ok=False, empty=False, latency_s=file.elapsed_s)
+            raise
+        result = file.result()
+        self.lifecycle.stats.record(result.model_version, ok=True, empty=not result.text,
+                                    latency_s=file.elapsed_s)
         return result
 
-    @staticmethod
-    def run_batch(model: LoadedModel, samples: NDArray[np.float32], spans: list[segmenter.Span],
-                  language: str, use_itn: bool) -> list[str]:
-        """Blocking: raw model output for some spans of ``samples``, in one session run."""
-        return model.engine.transcribe_batch([samples[s.start : s.end] for s in spans],
-                                             language=language, use_itn=use_itn)
+    def file(self, samples: NDArray[np.float32], *, language: str, use_itn: bool,
+             version: str | None = None) -> FileTranscription:
+        """Blocking (it cuts the audio): one file's transcription, to run at the caller's pace."""
+        return FileTranscription(self, samples, language, use_itn, version)
 
-    def assemble(self, version: str, samples: NDArray[np.float32], spans: list[segmenter.Span],
-                 raws: list[str], elapsed: float) -> Transcription:
-        """Segments with their own tags; the file's tags are the most common among voiced ones."""
-        duration = len(samples) / audio.SAMPLE_RATE
-        self.metrics.inference_duration.labels(version).observe(elapsed)
-        self.metrics.audio_seconds.labels(version).inc(duration)
+
+class FileTranscription:
+    """One file through the model: cut into segments once, then run batch by batch on one version.
+
+    The one pipeline of routes and batch jobs. Every call to :meth:`run` leases the version the
+    file is pinned to (the one asked for, else the one its first batch got), so a result is always
+    the work of the one version it records. A request runs all its batches in one call, under one
+    lease; a batch job runs one batch per call and yields to interactive requests between them, so
+    a swap never waits for a long job to drain: the job's next lease fails with VersionNotLoaded,
+    and it calls :meth:`restart`.
+    """
+
+    def __init__(self, service: TranscriptionService, samples: NDArray[np.float32], language: str,
+                 use_itn: bool, version: str | None):
+        self._service = service
+        self._samples = samples
+        self._language = language
+        self._use_itn = use_itn
+        self._asked = version
+        self.spans = segmenter.split(samples, window_s=service.settings.segment_window_s)
+        self._batches = segmenter.batches(self.spans, service.settings.segment_batch_size)
+        self.version: str | None = None  # the version running this file, once a lease got one
+        self.elapsed_s = 0.0  # inference time so far, leases and queueing excluded
+        self._raws: list[str] = []
+        self._done = 0
+
+    @property
+    def finished(self) -> bool:
+        return self._done == len(self._batches)
+
+    @property
+    def progress(self) -> float:
+        return self._done / len(self._batches)
+
+    def run(self, batches: int | None = None) -> None:
+        """Blocking: the next ``batches`` batches (all that are left by default) under one lease."""
+        todo = self._batches[self._done :][:batches]
+        with self._service.lifecycle.lease(self.version or self._asked) as model:
+            self.version = model.version
+            started = time.perf_counter()
+            try:
+                for batch in todo:
+                    self._raws += model.engine.transcribe_batch(
+                        [self._samples[s.start : s.end] for s in batch], language=self._language,
+                        use_itn=self._use_itn)
+                    self._done += 1
+            finally:
+                self.elapsed_s += time.perf_counter() - started
+
+    def restart(self) -> None:
+        """Throw away the batches done: the version they ran on is gone, so none of them counts."""
+        self.version = None
+        self.elapsed_s = 0.0
+        self._raws = []
+        self._done = 0
+
+    def result(self) -> Transcription:
+        """The finished file's transcript, labelled with its version and counted in the metrics.
+
+        Segments keep their own tags; the file's tags are the most common among voiced ones.
+        """
+        assert self.version is not None and self.finished, "result() of a file not run to its end"
+        version, spans, raws, elapsed = self.version, self.spans, self._raws, self.elapsed_s
+        metrics = self._service.metrics
+        duration = len(self._samples) / audio.SAMPLE_RATE
+        metrics.inference_duration.labels(version).observe(elapsed)
+        metrics.audio_seconds.labels(version).inc(duration)
         if duration > 0:
-            self.metrics.real_time_factor.labels(version).observe(elapsed / duration)
+            metrics.real_time_factor.labels(version).observe(elapsed / duration)
         parsed = [richtext.parse(raw) for raw in raws]
         voiced = [(span, p) for span, p in zip(spans, parsed, strict=True) if p.text]
         segments = [Segment(i, round(span.start_s, 3), round(span.end_s, 3), p.text, p.language,
@@ -116,6 +173,9 @@ class TranscriptionService:
         language = _most_common([p.language for p in tagged])
         events = list(dict.fromkeys(e for p in tagged for e in p.events))
         separator = "" if language in ("zh", "yue", "ja") else " "
+        log.debug("transcribed", extra={"event": "transcribed", "version": version,
+                                        "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
+                                        "segments": len(spans)})
         return Transcription(
             text=separator.join(s.text for s in segments), raw_text=" ".join(raws), language=language,
             emotion=_most_common([p.emotion for p in tagged]), events=events, model_version=version,

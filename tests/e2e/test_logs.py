@@ -7,13 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 
 from server.storage.registry import Registry
 from server.testing import synth
 from testkit.processes import start_server
-
-pytestmark = pytest.mark.e2e
 
 
 def test_json_logs_carry_request_ids_and_swap_events_and_rotate(tmp_path: Path, model_dir: Callable[..., Path]) -> None:

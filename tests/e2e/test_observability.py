@@ -73,6 +73,7 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 # -- the files ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @needs_promtool
 def test_prometheus_config_and_its_rule_file_are_valid() -> None:
     result = promtool("check", "config", str(PROMETHEUS_CONFIG))
@@ -80,12 +81,14 @@ def test_prometheus_config_and_its_rule_file_are_valid() -> None:
     assert "1 rule files found" in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @needs_promtool
 def test_alert_rules_are_valid() -> None:
     result = promtool("check", "rules", str(ALERT_RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @needs_promtool
 def test_every_alert_fires_and_stays_quiet_in_its_unit_tests() -> None:
     result = promtool("test", "rules", str(ALERT_TESTS))
@@ -108,6 +111,7 @@ def _exercised_metrics(live_server: tuple[str, FastAPI], speech_wav: bytes) -> s
         return client.get("/metrics").text
 
 
+@pytest.mark.e2e
 @needs_promtool
 def test_the_servers_metrics_pass_promtool_lint(live_server: tuple[str, FastAPI], speech_wav: bytes) -> None:
     result = promtool("check", "metrics", stdin=_exercised_metrics(live_server, speech_wav))
