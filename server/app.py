@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from server.errors import VoxswapError
-from server.http import admin, jobs, page, transcribe
+from server.http import admin, jobs, page, transcribe, ui
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
 from server.lifecycle.policy import ModelLifecycle
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (transcribe.router, jobs.router, admin.router, page.router):
+    for router in (transcribe.router, jobs.router, admin.router, ui.router, page.router):
         app.include_router(router)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
     return app

@@ -21,13 +21,15 @@ from prometheus_client import (
     multiprocess,
 )
 
+from server.vocab import FINISHED_JOB_STATUSES
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RTF_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SWAP_OUTCOMES = ("success", "load_failed", "verify_failed", "smoke_failed", "rolled_back", "conflict", "timeout")
 REJECTION_REASONS = ("overloaded", "timeout", "too_large")
 SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
-JOB_OUTCOMES = ("completed", "failed", "cancelled")
+JOB_OUTCOMES = tuple(status.value for status in FINISHED_JOB_STATUSES)
 WEBHOOK_OUTCOMES = ("delivered", "failed")
 
 
@@ -123,10 +125,14 @@ class Metrics:
         self.resident_memory.set(rss)
         return rss
 
+    def scraped(self) -> CollectorRegistry:
+        """What a scrape reads: this process's metrics, or under gunicorn every worker's files, aggregated."""
+        if not self.multiprocess:
+            return self.registry
+        collector_registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(collector_registry)  # type: ignore[no-untyped-call]
+        return collector_registry
+
     def render(self) -> tuple[bytes, str]:
         self.refresh_process()
-        if self.multiprocess:
-            collector_registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(collector_registry)  # type: ignore[no-untyped-call]
-            return generate_latest(collector_registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.scraped()), CONTENT_TYPE_LATEST

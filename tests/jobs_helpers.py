@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 
+from server.vocab import FINISHED_JOB_STATUSES
 from testkit.harness import wait_until
 
-FINISHED = {"completed", "failed", "cancelled"}
+FINISHED: set[str] = set(FINISHED_JOB_STATUSES)
 VOXSWAP = Path(sys.executable).with_name("voxswap")
 
 

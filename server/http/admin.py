@@ -16,10 +16,13 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, Field
 
 from server.errors import Conflict, NotReady
+from server.http import schemas
 from server.http.deps import CtxDep, require_admin
 from server.storage.registry import ANY_CURRENT
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses=schemas.errors(401, 403))
+SWAP_ERRORS = schemas.errors(400, 404, 409, 422, 503)
 
 
 class UpdateRequest(BaseModel):
@@ -39,7 +42,7 @@ def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
     return body.expected_current
 
 
-@router.post("/model/update")
+@router.post("/model/update", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
 async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
     ctx.registry.manifest(body.version)  # 404 before any work
     report = await asyncio.to_thread(ctx.lifecycle.swap_to, body.version, expected_current=_expect(body),
@@ -47,13 +50,13 @@ async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
     return report.to_json()
 
 
-@router.get("/model/watch")
+@router.get("/model/watch", response_model=schemas.WatchAnswer)
 async def watch(ctx: CtxDep) -> dict[str, Any]:
     """The last post-swap watch: watching, passed, rolled_back, inconclusive or superseded."""
     return {"watch": ctx.lifecycle.watch.current()}
 
 
-@router.post("/model/rollback")
+@router.post("/model/rollback", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
 async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, Any]:
     target = ctx.registry.rollback_target()
     report = await asyncio.to_thread(ctx.lifecycle.swap_to, target, expected_current=_expect(body),
@@ -61,7 +64,7 @@ async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, 
     return report.to_json()
 
 
-@router.post("/model/reload")
+@router.post("/model/reload", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
 async def reload(ctx: CtxDep) -> dict[str, Any]:
     """Build the current version afresh beside itself (e.g. after a suspected leak), blue/green."""
     current = ctx.lifecycle.live_version or ctx.registry.state().current
@@ -72,7 +75,7 @@ async def reload(ctx: CtxDep) -> dict[str, Any]:
     return report.to_json()
 
 
-@router.post("/model/load")
+@router.post("/model/load", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
 async def load(ctx: CtxDep) -> dict[str, Any]:
     if ctx.lifecycle.live is not None:
         raise Conflict(f"version {ctx.lifecycle.live_version!r} is already loaded; use update or reload")
@@ -82,12 +85,13 @@ async def load(ctx: CtxDep) -> dict[str, Any]:
     return report.to_json()
 
 
-@router.post("/model/unload")
+@router.post("/model/unload", response_model=schemas.Unloaded | schemas.NothingUnloaded,
+             responses=schemas.errors(409))
 async def unload(ctx: CtxDep) -> dict[str, Any]:
     return await asyncio.to_thread(ctx.lifecycle.unload, actor="admin")
 
 
-@router.get("/model/versions")
+@router.get("/model/versions", response_model=schemas.VersionList)
 async def versions(ctx: CtxDep) -> dict[str, Any]:
     state = ctx.registry.state()
     loaded = set(ctx.lifecycle.loaded_versions())
@@ -104,7 +108,8 @@ async def versions(ctx: CtxDep) -> dict[str, Any]:
     }
 
 
-@router.post("/model/versions", status_code=201)
+@router.post("/model/versions", status_code=201, response_model=schemas.Manifest,
+             responses=schemas.errors(400, 409, 413, 422))
 async def upload_version(
     ctx: CtxDep,
     version: Annotated[str, Form()],
@@ -119,7 +124,8 @@ async def upload_version(
     return manifest.to_json()
 
 
-@router.delete("/model/versions/{name}")
+@router.delete("/model/versions/{name}", response_model=schemas.Removed,
+               responses=schemas.errors(400, 404, 409))
 async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
     if name in ctx.lifecycle.loaded_versions():
         raise Conflict(f"version {name!r} is loaded and cannot be removed")
@@ -127,6 +133,6 @@ async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
     return {"removed": name}
 
 
-@router.get("/history")
+@router.get("/history", response_model=schemas.History, responses=schemas.errors(400))
 async def history(ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
     return {"events": ctx.registry.history(limit)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -35,3 +36,28 @@ def require_admin(request: Request) -> str:
 
 
 AdminDep = Annotated[str, Depends(require_admin)]
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who sent a request, as the ASGI guard established it from the headers alone.
+
+    ``key_id`` names the client API key that authenticated the request (a stable, non-secret id,
+    never the key); None when no keys are configured, in which case every client is the same
+    client. ``admin`` is true for the admin token, which sees every client's jobs.
+    """
+
+    key_id: str | None = None
+    label: str | None = None
+    admin: bool = False
+
+
+ANONYMOUS = Client()
+
+
+def get_client(request: Request) -> Client:
+    client = request.scope.get("state", {}).get("client")
+    return client if isinstance(client, Client) else ANONYMOUS
+
+
+ClientDep = Annotated[Client, Depends(get_client)]

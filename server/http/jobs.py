@@ -14,34 +14,33 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady, PayloadTooLarge
+from server.http import job_schemas, schemas
 from server.http.deps import CtxDep
-from server.http.transcribe import Language
+from server.service.context import AppContext
 from server.service.jobs import JobRunner
 from server.speech.formats import cues, to_srt, to_vtt
 from server.storage.job_records import Job, NewJob
 from server.storage.job_store import JobStore
+from server.vocab import AUDIO_SUFFIXES, JobStatus, Language
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
-Status = Literal["pending", "running", "completed", "failed", "cancelled"]
 ResultFormat = Literal["txt", "text", "json", "srt", "vtt"]
-AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm",
-                  ".mka", ".aif", ".aiff", ".au", ".caf", ".amr")
 MAX_ZIP_MEMBERS = 1000
 ZIP_EXPANSION = 4  # a zip may unpack to this many times max_upload_bytes in all
 
 
-def _runner(ctx: Any) -> JobRunner:
-    runner: JobRunner | None = getattr(ctx, "jobs", None)
+def _runner(ctx: AppContext) -> JobRunner:
+    runner = ctx.jobs
     if runner is None:
         raise NotReady("batch jobs are not available in this process")
     return runner
 
 
-async def _store(ctx: Any) -> JobStore:
+async def _store(ctx: AppContext) -> JobStore:
     return await asyncio.to_thread(_runner(ctx).store.ensure)
 
 
-async def _existing_store(ctx: Any) -> JobStore | None:
+async def _existing_store(ctx: AppContext) -> JobStore | None:
     """Reads never create the data dir: a server nobody sent a job has nothing on disk."""
     store = _runner(ctx).store
     return await asyncio.to_thread(store.ensure) if store.exists() else None
@@ -122,7 +121,7 @@ def _webhook(url: str | None) -> str | None:
     return url
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, response_model=job_schemas.JobsSubmitted, responses=schemas.errors(400, 413, 503))
 async def submit(
     ctx: CtxDep,
     files: Annotated[list[UploadFile], File(description="Audio files, or zips of audio files")],
@@ -154,10 +153,10 @@ async def submit(
     return {"jobs": [job.to_json() for job in jobs], "skipped": skipped}
 
 
-@router.get("")
+@router.get("", response_model=job_schemas.JobPage, responses=schemas.errors(400, 503))
 async def list_jobs(
     ctx: CtxDep,
-    status: Annotated[Status | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
@@ -168,12 +167,19 @@ async def list_jobs(
     return {"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit, "offset": offset}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=job_schemas.Job, responses=schemas.errors(404, 503))
 async def get_job(ctx: CtxDep, job_id: str) -> dict[str, Any]:
     return (await _job(await _existing_store(ctx), job_id)).to_json()
 
 
-@router.get("/{job_id}/result")
+@router.get(
+    "/{job_id}/result", response_model=job_schemas.JobResult,
+    response_description="format=json; txt (or text) and srt as text/plain, vtt as text/vtt",
+    responses={200: {"headers": {**schemas.VERSION_HEADER, "Content-Disposition": {
+                         "description": "inline, named after the recording", "schema": {"type": "string"}}},
+                     "content": schemas.TEXT_BODIES},
+               **schemas.errors(400, 404, 409, 503)},
+)
 async def get_result(ctx: CtxDep, job_id: str,
                      fmt: Annotated[ResultFormat, Query(alias="format")] = "json") -> Response:
     """The transcript as txt (or ``text``), json (with segments and tags), srt or vtt."""
@@ -197,7 +203,7 @@ async def get_result(ctx: CtxDep, job_id: str,
     return PlainTextResponse(result["text"] + "\n", headers=headers)
 
 
-@router.delete("/{job_id}")
+@router.delete("/{job_id}", response_model=job_schemas.JobRemoved, responses=schemas.errors(404, 503))
 async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
     """Cancel a pending or running job (it keeps its row, as cancelled); delete a finished one."""
     store = await _existing_store(ctx)

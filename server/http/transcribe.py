@@ -9,19 +9,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.engines.sensevoice import LANGUAGES
 from server.errors import InvalidRequest, NotFound, RegistryError
+from server.http import schemas
 from server.http.deps import CtxDep
+from server.service.context import AppContext
 from server.service.transcription import Transcription
 from server.speech.formats import to_srt, to_vtt
+from server.vocab import LANGUAGES, Language
 
 router = APIRouter()
-Language = Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"]
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 LIVE_ALIASES = {"", "whisper-1", "voxswap", "default"}
+TRANSCRIPTION_ERRORS = schemas.errors(400, 404, 409, 413, 415, 503, 504)
 
 
-def _pinned(ctx: Any, requested: str | None) -> str | None:
+def _pinned(ctx: AppContext, requested: str | None) -> str | None:
     """A version named by the client, checked against the registry; None means the live one."""
     name = (requested or "").strip()
     if name in LIVE_ALIASES:
@@ -37,7 +39,8 @@ def _headers(result: Transcription) -> dict[str, str]:
     return {"X-Model-Version": result.model_version}
 
 
-@router.post("/api/transcribe", tags=["transcription"])
+@router.post("/api/transcribe", tags=["transcription"], response_model=schemas.Transcription,
+             responses={200: {"headers": schemas.VERSION_HEADER}, **TRANSCRIPTION_ERRORS})
 async def transcribe(
     ctx: CtxDep,
     file: Annotated[UploadFile, File(description="Audio: wav, flac, ogg/opus, mp3, m4a, webm")],
@@ -50,7 +53,12 @@ async def transcribe(
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
-@router.post("/v1/audio/transcriptions", tags=["openai"])
+@router.post(
+    "/v1/audio/transcriptions", tags=["openai"],
+    response_model=schemas.OpenAITranscription | schemas.OpenAIVerboseTranscription,
+    response_description="json or verbose_json; text and srt as text/plain, vtt as text/vtt",
+    responses={200: {"headers": schemas.VERSION_HEADER, "content": schemas.TEXT_BODIES}, **TRANSCRIPTION_ERRORS},
+)
 async def openai_transcriptions(
     ctx: CtxDep,
     file: Annotated[UploadFile, File()],
@@ -91,7 +99,7 @@ async def openai_transcriptions(
     return JSONResponse({"text": result.text}, headers=headers)
 
 
-@router.get("/v1/models", tags=["openai"])
+@router.get("/v1/models", tags=["openai"], response_model=schemas.ModelList, responses=schemas.errors())
 async def list_models(ctx: CtxDep) -> dict[str, Any]:
     loaded = set(ctx.lifecycle.loaded_versions())
     return {
@@ -102,7 +110,7 @@ async def list_models(ctx: CtxDep) -> dict[str, Any]:
     }
 
 
-def _readiness(ctx: Any) -> tuple[bool, str]:
+def _readiness(ctx: AppContext) -> tuple[bool, str]:
     if ctx.shutting_down:
         return False, "shutting down"
     if ctx.lifecycle.live is None:
@@ -113,7 +121,7 @@ def _readiness(ctx: Any) -> tuple[bool, str]:
     return True, "serving"
 
 
-def _health_response(ctx: Any) -> JSONResponse:
+def _health_response(ctx: AppContext) -> JSONResponse:
     ready, reason = _readiness(ctx)
     body = {"status": "healthy" if ready else "unavailable", "model_version": ctx.lifecycle.live_version,
             "state": ctx.lifecycle.state.value}
@@ -123,29 +131,38 @@ def _health_response(ctx: Any) -> JSONResponse:
                         headers=None if ready else {"Retry-After": "1"})
 
 
-@router.get("/health", tags=["health"])
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": schemas.HealthUnavailable, "headers": {"Retry-After": {"schema": {"type": "string"}}},
+          "description": "Not serving: no model, loading, shutting down, or a worker on another version"},
+    **schemas.errors(),
+}
+
+
+@router.get("/health", tags=["health"], response_model=schemas.Health, responses=HEALTH_RESPONSES)
 async def health(ctx: CtxDep) -> JSONResponse:
     return _health_response(ctx)
 
 
-@router.get("/health/ready", tags=["health"])
+@router.get("/health/ready", tags=["health"], response_model=schemas.Health, responses=HEALTH_RESPONSES)
 async def ready(ctx: CtxDep) -> JSONResponse:
     return _health_response(ctx)
 
 
-@router.get("/health/live", tags=["health"])
+@router.get("/health/live", tags=["health"], response_model=schemas.Liveness, responses=schemas.errors())
 async def live() -> dict[str, str]:
     """Answers while the event loop runs; a loaded model is not required to be alive."""
     return {"status": "alive"}
 
 
-@router.get("/metrics", tags=["health"])
+@router.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+            response_description="Prometheus text exposition format")
 async def metrics(ctx: CtxDep) -> Response:
     body, content_type = ctx.metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.get("/api/system/status", tags=["status"])
+@router.get("/api/system/status", tags=["status"], response_model=schemas.SystemStatus,
+            responses=schemas.errors())
 async def status(ctx: CtxDep) -> dict[str, Any]:
     lifecycle = ctx.lifecycle
     live = lifecycle.live

@@ -11,8 +11,9 @@ import os
 import signal
 from contextlib import suppress
 
-from server.lifecycle.policy import SwapReport
+from server.lifecycle.report import SwapReport
 from server.service.context import AppContext
+from server.vocab import HistoryEvent
 
 log = logging.getLogger("voxswap.app")
 
@@ -88,8 +89,8 @@ def try_recycle(ctx: AppContext) -> None:
         return
     ctx._recycle_lock = handle  # held until this process exits; the next worker waits for it
     ctx.recycling = True
-    ctx.registry.record("recycle", pid=os.getpid(), version=ctx.lifecycle.live_version, actor="memory_budget",
-                        outcome="started", reason=ctx.recycle_reason)
+    ctx.registry.record(HistoryEvent.RECYCLE, pid=os.getpid(), version=ctx.lifecycle.live_version,
+                        actor="memory_budget", outcome="started", reason=ctx.recycle_reason)
     log.warning("recycling this worker", extra={"event": "recycle", "reason": ctx.recycle_reason})
     os.kill(os.getpid(), signal.SIGTERM)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from server.vocab import LANGUAGES
+
 TAG_RE = re.compile(r"<\|([^|<>]*)\|>")
-LANGUAGES = {"zh", "en", "yue", "ja", "ko", "nospeech"}
+TAGGED_LANGUAGES = frozenset(LANGUAGES) - {"auto"}  # "auto" is asked for, never answered
 EMOTIONS = {
     "HAPPY": "happy",
     "SAD": "sad",
@@ -51,7 +53,7 @@ def parse(raw: str) -> RichTranscript:
     """Split tags from text wherever they appear; unknown tags are kept aside, never shown as text."""
     result = RichTranscript(text="", raw_text=raw)
     for tag in TAG_RE.findall(raw):
-        if tag in LANGUAGES:
+        if tag in TAGGED_LANGUAGES:
             result.language = result.language or tag
         elif tag in EMOTIONS:
             result.emotion = result.emotion or EMOTIONS[tag]

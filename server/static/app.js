@@ -7,14 +7,11 @@
   const HIDDEN_POLL_MS = 15000; // a background tab still notices a swap, without the load
   const JOBS_RECHECK_MS = 60000; // after a 404, look for the jobs API again now and then
   const READ_TIMEOUT_MS = 8000; // a poll that hangs longer means the server is not answering
-  const CHART_POINTS = 60;
   const HISTORY_LIMIT = 20;
   const TOKEN_KEY = "voxswap.adminToken";
-  // Only transcription routes go into the chart: this page's own polling would otherwise drown it.
-  const TRAFFIC_ROUTE = /^\/v1\/audio\/|transcri/;
 
   const $ = (id) => document.getElementById(id);
-  const view = { status: null, versions: null, busy: null, picked: false };
+  const view = { status: null, versions: null, history: null, jobs: null, busy: null, picked: false, vocab: null };
 
   // -- small helpers --------------------------------------------------------------------------
 
@@ -64,9 +61,11 @@
 
   // Reads give up after READ_TIMEOUT_MS, so a hung server shows as offline instead of freezing the
   // page on its last state; actions (an update waits for a whole swap) wait as long as they take.
-  async function api(path, { method = "GET", json, form, admin = false, withToken } = {}) {
+  // The admin token goes to the admin API only: no other route needs it, and what is not sent
+  // cannot end up in another route's logs.
+  async function api(path, { method = "GET", json, form, withToken } = {}) {
     const headers = {};
-    const secret = withToken !== undefined ? withToken : (admin ? token() : "");
+    const secret = path.startsWith("/admin/") ? (withToken !== undefined ? withToken : token()) : "";
     if (secret) headers.Authorization = `Bearer ${secret}`;
     let body;
     if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
@@ -93,6 +92,25 @@
     if (data && data.error && data.error.message) return data.error.message; // voxswap's envelope
     if (data && typeof data.detail === "string") return data.detail; // a bare framework 404/405
     return `HTTP ${res.status} ${res.statusText || ""}`.trim();
+  }
+
+  // -- vocabulary ------------------------------------------------------------------------------
+
+  // Every word the page shows for an event, a job status or a language is the server's.
+  async function loadVocabulary() {
+    if (view.vocab) return;
+    const r = await api("/api/ui/vocabulary");
+    if (!r.ok || !r.data || !Array.isArray(r.data.history_events)) return; // asked again next poll
+    const byId = (terms) => new Map(terms.map((t) => [t.id, t]));
+    view.vocab = { events: byId(r.data.history_events), statuses: byId(r.data.job_statuses) };
+    $("language").replaceChildren(...r.data.languages.map((l) => h("option", { value: l.id, text: l.label })));
+    $("audio-file").accept = ["audio/*", "video/webm", ...r.data.audio_suffixes].join(",");
+  }
+
+  // A value the server added after this page loaded still shows, in its raw words.
+  function label(kind, id) {
+    const term = view.vocab && view.vocab[kind].get(id);
+    return term ? term.label : String(id).replace(/_/g, " ");
   }
 
   // -- admin token -----------------------------------------------------------------------------
@@ -127,6 +145,7 @@
   function forget(message) {
     sessionStorage.removeItem(TOKEN_KEY);
     view.versions = null;
+    view.history = null;
     renderLock();
     renderVersions();
     renderControls();
@@ -331,7 +350,7 @@
       load: "Loading and smoke-testing; transcriptions get 503 until it is ready.",
     }[action] || `Blue/green: ${s.model_version} keeps serving until the new model passes its smoke test.`;
     showResult("pending", `${plan.label}…`, meanwhile);
-    const pending = api(plan.path, { method: "POST", json: plan.json, admin: true });
+    const pending = api(plan.path, { method: "POST", json: plan.json });
     const early = setTimeout(refreshNow, 300); // show "swapping" while the swap runs
     const r = await pending;
     clearTimeout(early);
@@ -379,11 +398,6 @@
     }));
   }
 
-  const EVENT_LABELS = {
-    add: "added", promote: "promoted", rollback: "rolled back", swap_failed: "refused", unload: "unloaded",
-    load: "loaded", remove: "removed", revert: "reverted", reload: "reloaded", auto_rollback: "auto rollback",
-  };
-
   function renderHistory(events) {
     $("history").replaceChildren(...events.slice().reverse().map((e) => {
       const ok = !e.outcome || e.outcome === "success";
@@ -393,7 +407,7 @@
       return h("li", { class: ok ? "" : "failed" },
         h("time", { class: "when", text: when(e.ts) }),
         h("span", { class: "what" },
-          h("span", { class: "event", text: EVENT_LABELS[e.event] || String(e.event).replace(/_/g, " ") }),
+          h("span", { class: "event", text: label("events", e.event) }),
           what ? h("span", { class: "mono", text: what }) : null,
           ok ? null : badge(String(e.outcome).replace(/_/g, " "), "bad")),
         extra ? h("span", { class: "extra", text: extra }) : null);
@@ -401,64 +415,15 @@
     if (!events.length) $("history").append(h("li", { class: "muted", text: "No events yet." }));
   }
 
-  // -- traffic chart from /metrics ------------------------------------------------------------
+  // -- traffic chart ---------------------------------------------------------------------------
 
-  const samples = [];
-  const points = []; // {t, rate, p95}
+  // The server computes the numbers from its own metrics (every worker's, under gunicorn); the page
+  // only draws them. Each point is one interval between two of the server's snapshots.
+  let traffic = { history_s: 30, points: [] }; // until the first answer: an empty chart
 
-  function parseMetrics(text) {
-    let total = 0;
-    const buckets = new Map();
-    for (const line of text.split("\n")) {
-      const counter = line.startsWith("voxswap_requests_total{");
-      const bucket = line.startsWith("voxswap_request_duration_seconds_bucket{");
-      if (!counter && !bucket) continue;
-      const close = line.lastIndexOf("}");
-      const labels = {};
-      for (const m of line.slice(line.indexOf("{") + 1, close).matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
-        labels[m[1]] = m[2];
-      }
-      const value = Number(line.slice(close + 1).trim().split(/\s+/)[0]);
-      if (!TRAFFIC_ROUTE.test(labels.route || "") || Number.isNaN(value)) continue;
-      if (counter) total += value;
-      else {
-        const le = labels.le === "+Inf" ? Infinity : Number(labels.le);
-        buckets.set(le, (buckets.get(le) || 0) + value);
-      }
-    }
-    return { t: performance.now() / 1000, total, buckets };
-  }
-
-  function p95(now, before) {
-    const les = [...now.buckets.keys()].sort((a, b) => a - b);
-    const cum = les.map((le) => (now.buckets.get(le) || 0) - (before.buckets.get(le) || 0));
-    const count = cum[cum.length - 1];
-    if (!count || count <= 0) return null;
-    const rank = 0.95 * count; // as Prometheus' histogram_quantile: linear within the bucket
-    let lower = 0;
-    let below = 0;
-    for (let i = 0; i < les.length; i += 1) {
-      if (cum[i] >= rank) {
-        if (les[i] === Infinity) return lower;
-        return lower + (les[i] - lower) * ((rank - below) / ((cum[i] - below) || 1));
-      }
-      lower = les[i];
-      below = cum[i];
-    }
-    return null;
-  }
-
-  function addSample(sample) {
-    const before = samples[samples.length - 1];
-    if (before && sample.t - before.t < 1) return; // a refresh right after a poll: too short to mean much
-    samples.push(sample);
-    if (samples.length > 2) samples.shift();
-    if (!before) return;
-    if (sample.total < before.total) return; // counters reset: the server restarted
-    const dt = sample.t - before.t;
-    points.push({ t: sample.t, dt, rate: (sample.total - before.total) / dt, p95: p95(sample, before) });
-    while (points.length > CHART_POINTS) points.shift();
-    renderCharts();
+  async function refreshTraffic() {
+    const r = await api("/api/system/traffic");
+    if (r.ok && r.data && Array.isArray(r.data.points)) traffic = r.data;
   }
 
   function niceMax(v, floor) {
@@ -467,13 +432,13 @@
     return [1, 2, 2.5, 5, 10].map((k) => k * step).find((n) => n >= top);
   }
 
-  // One bar per poll interval: an isolated burst stays visible and a quiet interval is a gap.
+  // One bar per interval: an isolated burst stays visible and a quiet interval is a gap.
   function drawChart(key, values, yMax, format, quiet) {
     const W = 300;
     const H = 90;
-    const full = CHART_POINTS * POLL_MS / 1000;
-    const end = points.length ? points[points.length - 1].t : 0;
-    const span = Math.min(full, Math.max(30, end - (points.length ? points[0].t : 0) + POLL_MS / 1000));
+    const end = values.length ? values[values.length - 1].t : 0;
+    const start = values.length ? values[0].t - values[0].dt : 0;
+    const span = Math.min(traffic.history_s, Math.max(30, end - start));
     const x = (t) => W - ((end - t) / span) * W;
     const el = (tag, attrs) => {
       const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
@@ -496,13 +461,16 @@
   }
 
   function renderCharts() {
-    const rates = points.map((p) => ({ t: p.t, dt: p.dt, v: p.rate }));
-    const lat = points.map((p) => ({ t: p.t, dt: p.dt, v: p.p95 }));
+    const points = traffic.points;
+    const rates = points.map((p) => ({ t: p.end, dt: p.seconds, v: p.rate_per_s }));
+    const lat = points.map((p) => ({ t: p.end, dt: p.seconds, v: p.p95_s }));
     const last = points[points.length - 1];
-    const quiet = points.every((p) => p.rate === 0);
-    const lastLat = [...points].reverse().find((p) => p.p95 !== null);
-    $("rate-now").textContent = last ? last.rate.toFixed(last.rate < 10 ? 2 : 1) : "—";
-    $("p95-now").textContent = lastLat ? seconds(lastLat.p95) : "—";
+    const quiet = points.every((p) => p.requests === 0);
+    const lastLat = [...points].reverse().find((p) => p.p95_s !== null);
+    $("rate-now").textContent = last ? last.rate_per_s.toFixed(last.rate_per_s < 10 ? 2 : 1) : "—";
+    $("rate-now").title = last ? last.versions.map((v) => `${v.version || "no version"}: ${v.requests} requests, `
+      + `${v.errors} failed`).join("\n") : "";
+    $("p95-now").textContent = lastLat ? seconds(lastLat.p95_s) : "—";
     const rateMax = niceMax(Math.max(0, ...rates.map((r) => r.v)), 1);
     const latMax = niceMax(Math.max(0, ...lat.map((r) => r.v || 0)), 0.1);
     drawChart("rate", rates, rateMax, (v) => `${v}/s`, quiet);
@@ -515,8 +483,8 @@
 
   async function refreshJobs() {
     if (jobsAbsentAt && Date.now() - jobsAbsentAt < JOBS_RECHECK_MS) return;
-    const r = await api("/api/jobs", { admin: Boolean(token()) });
-    if (r.status === 404) { jobsAbsentAt = Date.now(); $("jobs-card").hidden = true; return; }
+    const r = await api("/api/jobs");
+    if (r.status === 404) { jobsAbsentAt = Date.now(); view.jobs = null; $("jobs-card").hidden = true; return; }
     jobsAbsentAt = 0;
     if (!r.ok || !r.data || !Array.isArray(r.data.jobs)) {
       $("jobs-note").textContent = `Could not refresh: ${r.message || "unexpected answer"}.`;
@@ -524,16 +492,22 @@
       return;
     }
     $("jobs-note").hidden = true;
+    view.jobs = r.data.jobs;
+  }
+
+  function renderJobs() {
+    const jobs = view.jobs;
+    if (!jobs) return;
     $("jobs-card").hidden = false;
-    const jobs = r.data.jobs;
     $("jobs-empty").hidden = jobs.length > 0;
     $("jobs").replaceChildren(...jobs.map((j) => {
       const raw = Number(j.progress) || 0;
       const pct = Math.max(0, Math.min(100, raw <= 1 ? raw * 100 : raw));
-      const failed = /fail|error|cancel/.test(j.status || "");
+      const status = view.vocab && view.vocab.statuses.get(j.status);
+      const kind = status && status.finished ? (status.succeeded ? "good" : "bad") : "";
       return h("tr", {},
         h("td", { class: "file", title: j.id, text: j.filename || j.id }),
-        h("td", {}, badge(j.status || "?", failed ? "bad" : (j.status === "done" || j.status === "completed" ? "good" : ""))),
+        h("td", {}, badge(j.status ? label("statuses", j.status) : "?", kind)),
         h("td", {}, h("div", { class: "progress" },
           h("progress", { max: 100, value: pct.toFixed(0), "aria-label": `Progress of ${j.filename || j.id}` }),
           h("span", { class: "num", text: `${pct.toFixed(0)} %` }))));
@@ -550,27 +524,26 @@
     conn.dataset.ok = r.ok ? "yes" : "no";
   }
 
-  async function refreshMetrics() {
-    const r = await api("/metrics");
-    if (r.ok && typeof r.data === "string") addSample(parseMetrics(r.data));
-  }
-
   async function refreshAdmin() {
     if (!token()) return;
     const [versions, history] = await Promise.all([
-      api("/admin/model/versions", { admin: true }),
-      api(`/admin/history?limit=${HISTORY_LIMIT}`, { admin: true }),
+      api("/admin/model/versions"),
+      api(`/admin/history?limit=${HISTORY_LIMIT}`),
     ]);
     if (versions.status === 401 || history.status === 401) { forget(versions.message || history.message); return; }
     if (versions.ok) view.versions = versions.data;
-    if (history.ok) renderHistory(history.data.events || []);
+    if (history.ok) view.history = history.data.events || [];
   }
 
+  // Everything is fetched first and drawn after, so labels are there once the vocabulary is.
   async function tick() {
-    await Promise.all([refreshStatus(), refreshMetrics(), refreshAdmin(), refreshJobs()]);
+    await Promise.all([loadVocabulary(), refreshStatus(), refreshTraffic(), refreshAdmin(), refreshJobs()]);
     renderStatus();
     renderVersions();
+    if (view.versions && view.history) renderHistory(view.history);
     renderControls();
+    renderCharts();
+    renderJobs();
   }
 
   let timer = 0;
@@ -652,7 +625,7 @@
     }
     const form = new FormData();
     form.append("file", file, file.name);
-    form.append("language", $("language").value);
+    if ($("language").value) form.append("language", $("language").value); // none yet: the server's default
     form.append("use_itn", $("use-itn").checked ? "true" : "false");
     const button = $("btn-transcribe");
     button.disabled = true;

@@ -7,8 +7,9 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-FINISHED = ("completed", "failed", "cancelled")
+from server.vocab import FINISHED_JOB_STATUSES
+
+FINISHED = FINISHED_JOB_STATUSES
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 SCHEMA = """

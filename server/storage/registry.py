@@ -6,6 +6,7 @@ Layout (all under one root folder)::
         manifest.json           name, created_at, source, every file's size and sha256, smoke clips
     state.json                  {"current", "previous", "generation", ...}, replaced atomically
     history.jsonl               append-only: every add, promote, rollback, refusal and removal
+                                (the events are server.vocab.HistoryEvent)
     .lock                       filelock guarding state.json and history.jsonl
     .staging/                   where ``add`` builds a version before one rename publishes it
 
@@ -40,12 +41,12 @@ from server.errors import (
     VerificationFailed,
     VoxswapError,
 )
+from server.vocab import AUDIO_SUFFIXES, HistoryEvent
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MODEL_FILES = ("model_quant.onnx", "model.onnx")
 SIDE_FILES = ("config.yaml", "am.mvn", "chn_jpn_yue_eng_ko_spectok.bpe.model")
 MANIFEST = "manifest.json"
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".webm", ".opus")
 ANY_CURRENT: Any = object()  # "no expectation" for compare-and-swap: any current version will do
 
 
@@ -302,7 +303,7 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.record("add", version=name, actor=actor, outcome="success", bytes=manifest.total_bytes,
+        self.record(HistoryEvent.ADD, version=name, actor=actor, outcome="success", bytes=manifest.total_bytes,
                     smoke_clips=len(clips))
         return manifest
 
@@ -368,7 +369,7 @@ class Registry:
         *,
         expected_current: str | None = ANY_CURRENT,
         actor: str = "cli",
-        event: str = "promote",
+        event: HistoryEvent = HistoryEvent.PROMOTE,
         details: dict[str, Any] | None = None,
     ) -> RegistryState:
         """Make ``name`` current (the old current becomes previous), compare-and-swap style."""
@@ -396,8 +397,8 @@ class Registry:
             new = replace(state, held=held, generation=state.generation + 1, updated_at=time.time(),
                           reason="unload" if held else "load")
             write_json_atomic(self.state_path, new.to_json())
-            self._append_history("unload" if held else "load", version=state.current, actor=actor,
-                                 outcome="success", generation=new.generation)
+            self._append_history(HistoryEvent.UNLOAD if held else HistoryEvent.LOAD, version=state.current,
+                                 actor=actor, outcome="success", generation=new.generation)
         return new
 
     def rollback_target(self) -> str:
@@ -416,7 +417,7 @@ class Registry:
                                 generation=state.generation + 1, updated_at=time.time(), reason="refused",
                                 held=state.held)
             write_json_atomic(self.state_path, new.to_json())
-            self._append_history("refused", version=refused, to_version=to, actor=actor,
+            self._append_history(HistoryEvent.REFUSED, version=refused, to_version=to, actor=actor,
                                  outcome="reverted", reason=reason, generation=new.generation)
         return new
 
@@ -429,15 +430,15 @@ class Registry:
                 raise Conflict(f"version {name!r} is the {which} version and cannot be removed")
             trash = self.staging_dir / f"removing.{name}.{uuid.uuid4().hex}"
             os.rename(path, trash)  # one rename: the version vanishes at once, never half-deleted
-            self._append_history("remove", version=name, actor=actor, outcome="success")
+            self._append_history(HistoryEvent.REMOVE, version=name, actor=actor, outcome="success")
         _make_writable(trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def record(self, event: str, **fields: Any) -> None:
+    def record(self, event: HistoryEvent, **fields: Any) -> None:
         with self._lock:
             self._append_history(event, **fields)
 
-    def _append_history(self, event: str, **fields: Any) -> None:
+    def _append_history(self, event: HistoryEvent, **fields: Any) -> None:
         line = json.dumps({"ts": time.time(), "event": event, **fields}, sort_keys=True)
         fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -15,6 +15,7 @@ from filelock import FileLock
 
 from server.storage.registry import Registry
 from server.testing.modelgen import TestModelSpec, make_test_model
+from server.vocab import HistoryEvent
 
 log = logging.getLogger("voxswap.demo")
 DEMO_VERSION = "demo"
@@ -43,6 +44,6 @@ def seed_if_empty(registry: Registry) -> bool:
                          metadata={"demo": True, "note": "not real speech recognition"}, actor="seed")
             shutil.rmtree(folder, ignore_errors=True)
         if registry.state().current is None:
-            registry.promote(DEMO_VERSION, actor="seed", event="seed_demo")
+            registry.promote(DEMO_VERSION, actor="seed", event=HistoryEvent.SEED_DEMO)
     log.warning(WARNING, extra={"event": "demo_seeded", "version": DEMO_VERSION})
     return True

@@ -21,6 +21,7 @@ import sentencepiece as spm
 from onnx import TensorProto, helper, numpy_helper
 
 from server.testing import synth
+from server.vocab import LANGUAGES, Language
 
 FEATURE_DIM = 560  # 80 mel bins x lfr_m 7
 QUERY_FRAMES = 4  # the real export prepends 4 query frames to the encoder output
@@ -29,11 +30,12 @@ OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
 HIDDEN = 256  # width of the --compute-ms work chain
 
-LANGUAGE_IDS = {"auto": 0, "zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13}
+# SenseVoice's ids for each language (a test keeps the keys equal to LANGUAGES)
+LANGUAGE_IDS: dict[Language, int] = {"auto": 0, "zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13}
 TEXTNORM_IDS = {"withitn": 14, "woitn": 15}
 EMOTIONS = ("HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "EMO_UNKNOWN")
 EVENTS = ("Speech", "BGM", "Applause", "Laughter", "Cry", "Sneeze", "Breath", "Cough", "Event_UNK")
-LANGUAGE_TAGS = ("zh", "en", "yue", "ja", "ko", "nospeech")
+LANGUAGE_TAGS = tuple(lang for lang in LANGUAGES if lang != "auto")  # what the model can emit
 TAGS = (
     [f"<|{lang}|>" for lang in LANGUAGE_TAGS]
     + [f"<|{emo}|>" for emo in EMOTIONS]

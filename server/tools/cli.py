@@ -15,6 +15,7 @@ from filelock import Timeout
 from pydantic import ValidationError
 
 from server.errors import VoxswapError
+from server.vocab import HistoryEvent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,16 +243,15 @@ def _registry_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_promote(args: argparse.Namespace, name: str, event: str) -> int:
+def _checked_promote(args: argparse.Namespace, name: str, event: HistoryEvent) -> int:
     """The CLI's promote: the same verify + load + smoke as a server swap, then the pointer."""
-    from server.lifecycle.policy import ModelLifecycle
+    from server.lifecycle.builder import CandidateBuilder
     from server.metrics import Metrics
     from server.storage.registry import Registry
 
     settings = _settings(args)
     registry = Registry(settings.registry)
-    lifecycle = ModelLifecycle(registry, settings, Metrics())
-    report = lifecycle.check(name, event=event)
+    report = CandidateBuilder(registry, settings, Metrics()).trial(name, event=event)
     state = registry.promote(name, actor="cli", event=event,
                              details={"timings": report.to_json()["timings"]})
     smoke = report.smoke or {}
@@ -261,11 +261,11 @@ def _checked_promote(args: argparse.Namespace, name: str, event: str) -> int:
 
 
 def _registry_promote(args: argparse.Namespace) -> int:
-    return _checked_promote(args, args.name, "promote")
+    return _checked_promote(args, args.name, HistoryEvent.PROMOTE)
 
 
 def _registry_rollback(args: argparse.Namespace) -> int:
-    return _checked_promote(args, _registry(args).rollback_target(), "rollback")
+    return _checked_promote(args, _registry(args).rollback_target(), HistoryEvent.ROLLBACK)
 
 
 def _registry_remove(args: argparse.Namespace) -> int:

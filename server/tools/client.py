@@ -19,11 +19,10 @@ from typing import IO, Any
 import httpx
 
 from server.speech.formats import cues, to_srt, to_vtt
+from server.vocab import AUDIO_SUFFIXES
+from server.vocab import FINISHED_JOB_STATUSES as FINISHED
 
-AUDIO_SUFFIXES = frozenset((".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac",
-                            ".webm", ".mka", ".aif", ".aiff", ".au", ".caf", ".amr"))
 FORMATS = ("txt", "srt", "vtt", "json")
-FINISHED = ("completed", "failed", "cancelled")
 
 
 class ClientError(Exception):

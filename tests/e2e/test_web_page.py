@@ -10,6 +10,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -109,6 +110,8 @@ def version_row(page: sync_api.Page, name: str) -> sync_api.Locator:
 def test_an_operator_transcribes_updates_unloads_and_loads_again(open_page: OpenPage, clip: Path,
                                                                   server_url: str) -> None:
     page = open_page(1280, 900)
+    sent: list[tuple[str, bool]] = []  # (path, carried the admin token)
+    page.on("request", lambda request: sent.append((urlparse(request.url).path, "authorization" in request.headers)))
     state = page.get_by_role("status", name="Model state")
     result = page.get_by_role("status", name="Action result")
     button = {name: page.get_by_role("button", name=name, exact=True)
@@ -132,6 +135,9 @@ def test_an_operator_transcribes_updates_unloads_and_loads_again(open_page: Open
     expect(result).to_contain_text("the admin token is wrong")
     unlock(page, TOKEN)
     expect(result).to_contain_text("Admin controls unlocked")
+    with page.expect_request(lambda request: urlparse(request.url).path == "/api/jobs") as jobs_poll:
+        pass  # the next poll of the jobs list, made while the page holds the token
+    assert "authorization" not in jobs_poll.value.headers
     expect(version_row(page, "a")).to_contain_text("live")
     expect(version_row(page, "b")).to_contain_text("1 golden clip")
     expect(button["Load"]).to_have_accessible_description("already loaded")
@@ -142,7 +148,7 @@ def test_an_operator_transcribes_updates_unloads_and_loads_again(open_page: Open
     expect(transcript.get_by_text(TEXT_A, exact=True)).to_be_visible()
     expect(shown(transcript, "Version")).to_have_text("a")
     expect(shown(transcript, "Language")).to_have_text("en")
-    # the next /metrics poll shows the transcription in the traffic chart
+    # the next /api/system/traffic poll shows the transcription in the traffic chart
     expect(page.get_by_text("no transcriptions yet").first).to_be_hidden(timeout=SWAP_MS)
 
     page.get_by_label("Update to version").select_option("b")
@@ -184,6 +190,9 @@ def test_an_operator_transcribes_updates_unloads_and_loads_again(open_page: Open
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "web-page-1280.png", full_page=True)
+    # the token went to the admin API, and nowhere else
+    assert {path for path, token in sent if token} >= {"/admin/model/versions", "/admin/history"}
+    assert {path for path, token in sent if token and not path.startswith("/admin/")} == set()
 
 
 def test_a_refused_update_shows_the_servers_reason_and_the_old_version_keeps_serving(
