@@ -24,6 +24,12 @@ TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.fixture(autouse=True)
+def _private_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps that name no data dir keep their jobs in the test's own folder, not in the checkout."""
+    monkeypatch.setenv("VOXSWAP_DATA_DIR", str(tmp_path / "data"))
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``model_dir(text=..., **spec)`` -> a generated model folder, built once per distinct spec."""
