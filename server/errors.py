@@ -51,6 +51,14 @@ class UnsupportedAudio(VoxswapError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(VoxswapError):
+    """The client sent its request body too slowly (stalled, or under the minimum rate)."""
+
+    status_code = 408
+    code = "request_timeout"
+    type = "invalid_request_error"
+
+
 class Unauthorized(VoxswapError):
     status_code = 401
     code = "unauthorized"
@@ -104,6 +112,18 @@ class SwapFailed(VoxswapError):
         self.report = report or {}
 
 
+class TooManyRequests(VoxswapError):
+    """A per-client limit was reached; ``retry_after`` says when to try again."""
+
+    status_code = 429
+    code = "too_many_requests"
+    type = "rate_limit_error"
+
+
+class TooManyPendingJobs(TooManyRequests):
+    code = "too_many_pending_jobs"
+
+
 class NotReady(VoxswapError):
     status_code = 503
     code = "not_ready"
@@ -117,6 +137,14 @@ class Overloaded(NotReady):
 class InferenceTimeout(VoxswapError):
     status_code = 504
     code = "inference_timeout"
+    type = "server_error"
+
+
+class InsufficientStorage(VoxswapError):
+    """The data dir's budget for job files is spent: the submission is refused whole, nothing kept."""
+
+    status_code = 507
+    code = "insufficient_storage"
     type = "server_error"
 
 

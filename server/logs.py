@@ -8,6 +8,7 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,49 @@ class QuietAccessFilter(logging.Filter):
         args = record.args if isinstance(record.args, tuple) else ()
         path = str(args[2]) if len(args) >= 3 else ""
         return not path.startswith(QUIET_PATHS)
+
+
+class RateLimitedFilter(logging.Filter):
+    """At most ``per_window`` warnings and errors of one kind per ``window_s``; the first one of the
+    next window says how many were dropped (``suppressed=N``).
+
+    A kind is the logger and the first line of the message template, so per-connection floods
+    (asyncio's "socket.accept() out of system resource" on every accept attempt once descriptors
+    run out, uvicorn's "Invalid HTTP request received.", dropped slow clients) cost a few lines,
+    not a disk. Info and debug lines always pass.
+    """
+
+    MAX_KINDS = 1000
+
+    def __init__(self, per_window: int = 5, window_s: float = 10.0):
+        super().__init__()
+        self.per_window = per_window
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._kinds: dict[tuple[str, str], list[float]] = {}  # kind -> [window start, passed, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, str(record.msg).split("\n", 1)[0][:200])
+        now = time.monotonic()
+        with self._lock:
+            state = self._kinds.get(kind)
+            if state is None or now - state[0] >= self.window_s:
+                if state is None and len(self._kinds) >= self.MAX_KINDS:
+                    self._kinds.clear()
+                if state is not None and state[2]:
+                    record.suppressed = int(state[2])
+                self._kinds[kind] = [now, 1, 0]
+                return True
+            if state[1] < self.per_window:
+                state[1] += 1
+                return True
+            state[2] += 1
+            return False
+
+
+RATE_LIMITED_LOGGERS = ("asyncio", "uvicorn.error", "voxswap.connections")
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -92,3 +136,7 @@ def route_server_loggers(quiet_access: bool = True) -> None:
     access = logging.getLogger("uvicorn.access")
     if quiet_access and not any(isinstance(f, QuietAccessFilter) for f in access.filters):
         access.addFilter(QuietAccessFilter())
+    for name in RATE_LIMITED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitedFilter) for f in logger.filters):
+            logger.addFilter(RateLimitedFilter())

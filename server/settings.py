@@ -7,10 +7,10 @@ cores; drain, upload and audio limits are settings rather than constants buried 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, IPvAnyNetwork, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -157,6 +157,92 @@ class Settings(BaseSettings):
 
     watch_max_latency_ratio: float = Field(2.0, ge=1)
     """Roll back when the new version's p95 latency exceeds the previous one's by this factor."""
+
+    # -- webhooks and job ownership (issue 18: findings C and D) --
+
+    webhook_allow_networks: Annotated[
+        tuple[IPvAnyNetwork, ...], NoDecode,
+        BeforeValidator(lambda v: tuple(v.replace(",", " ").split()) if isinstance(v, str) else v),
+    ] = Field((), max_length=100)
+    """Networks (CIDRs, comma-separated, e.g. ``10.1.0.0/16,fd00::/8``) that webhooks may reach although
+    they are loopback, private, link-local or reserved. Empty: webhooks go only to public addresses, so
+    a client cannot use the server to reach what stands behind it (cloud metadata, admin ports)."""
+
+    webhook_secret: SecretStr | None = Field(None, min_length=16, max_length=4096)
+    """Key of the HMAC-SHA256 signature on every webhook delivery (``X-Voxswap-Signature``). Unset: one
+    is generated once and kept in ``<data_dir>/webhook-secret`` (mode 0600), shared by the processes
+    of that data dir, so deliveries are always signed."""
+
+    max_pending_jobs_per_key: int = Field(0, ge=0, le=1_000_000)
+    """Jobs one client API key may have waiting; beyond this a submission gets 429 with Retry-After
+    (0: off). Clients without a key share ``max_pending_jobs`` only."""
+
+    # -- client keys, request bodies and slow clients (issue 18: findings A, D's keys and F) --
+
+    api_keys_file: Path | None = None
+    """Client API keys, one a line: the key itself or ``sha256:<hex>`` of it, then optionally a label
+    (``#`` comments). Set, transcription, /v1/models and jobs need ``Authorization: Bearer <key>``;
+    the file is re-read within a second of a change. Unset (default): those routes are open."""
+
+    api_key_rate_per_s: float = Field(0.0, ge=0, le=100_000)
+    """Requests per second one client API key may make (a token bucket per key and process; 0: off).
+    Beyond it the answer is 429 with Retry-After."""
+
+    api_key_burst: int = Field(10, ge=1, le=100_000)
+    """Requests one key may make at once before ``api_key_rate_per_s`` paces it."""
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest body of any request that is not an upload (admin JSON and the like); bigger gets 413
+    before it is read. Uploads are bounded by ``max_upload_bytes``."""
+
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    """A connection whose request headers are not complete this long after it opened (or after its
+    first byte of a new request) is closed."""
+
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """A request body that sends nothing for this long gets 408 and its connection is closed."""
+
+    min_upload_rate_bytes: int = Field(1024, ge=0, le=1024**3)
+    """Once a body has taken ``body_timeout_s``, it must average at least this many bytes a second,
+    or it gets 408 (0: off). Stops a client that trickles a byte now and then."""
+
+    max_connections: int = Field(500, ge=1, le=100_000)
+    """Open connections one process keeps. Beyond it a new connection pushes out the oldest one that
+    is not in a request, or, when all are, gets 503 and is closed at once. At start the soft
+    open-files limit is raised to fit (within the hard limit), so descriptors never run out."""
+
+    keepalive_timeout_s: int = Field(5, ge=1, le=600)
+    """An idle keep-alive connection is closed after this many seconds."""
+
+    # -- what the public port shows (issue 18: docs, status) --
+
+    public_docs: bool = True
+    """Serve the API's documentation (``/docs`` and ``/openapi.json``) to anyone. False: neither is
+    mounted and both answer 404, so a scanner learns nothing of the admin routes from the port."""
+
+    public_status: bool = True
+    """Anyone may read ``/api/system/status`` (versions, memory, workers, the registry's path). False:
+    it answers 404 unless the request carries the admin token; the operator page then sends it."""
+
+    # -- zips and disk (issue 18: finding E) --
+
+    zip_max_entries: int = Field(1000, ge=1, le=100_000)
+    """Entries the zips of one job submission may hold in all (folders and skipped files count too);
+    more is 413, judged from the zip's directory before anything is unpacked."""
+
+    zip_max_unpacked_bytes: int = Field(200 * 1024 * 1024, ge=1024, le=2**40)
+    """Bytes the recordings in the zips of one job submission may unpack to in all; more is 413
+    before anything is unpacked. Each recording is also bounded by ``max_upload_bytes``."""
+
+    zip_max_ratio: float = Field(20.0, ge=1.0, le=10_000.0)
+    """Largest unpacked/compressed ratio of a zip's recordings (speech in WAV deflates about 1.2:1,
+    a zip bomb 1000:1); more is 413 before anything is unpacked. The first MB unpacked is free."""
+
+    data_dir_budget_bytes: int = Field(20 * 1024**3, ge=0, le=2**50)
+    """Bytes that job inputs and results may take in ``data_dir``, counted as jobs come and go; a
+    submission that would exceed it gets 507 until jobs are deleted or expire (0: no budget)."""
+
+    # -- end of settings --
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None

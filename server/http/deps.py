@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from server.errors import Forbidden, Unauthorized
 from server.service.context import AppContext
+from server.settings import Settings
 
 
 def get_ctx(request: Request) -> AppContext:
@@ -20,18 +21,35 @@ def get_ctx(request: Request) -> AppContext:
 CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
-def require_admin(request: Request) -> str:
-    """Bearer token compared in constant time; with no token configured the admin API is closed."""
-    ctx = get_ctx(request)
-    expected = ctx.settings.admin_token_value()
-    if not expected:
+def bearer_token(authorization: str) -> str | None:
+    """The credential of an ``Authorization: Bearer <token>`` header, as the openai client sends it."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def is_admin_token(settings: Settings, token: str | None) -> bool:
+    """Compared in constant time, so the answer's timing says nothing about the token."""
+    expected = settings.admin_token_value()
+    if not expected or not token:
+        return False
+    return hmac.compare_digest(token.encode(), expected.encode())
+
+
+def check_admin(settings: Settings, authorization: str) -> None:
+    """The one admin check: the ASGI guard runs it from the headers before any body is read, and
+    :func:`require_admin` again for the routes. With no token configured the admin API is closed."""
+    if not settings.admin_token_value():
         raise Forbidden("the admin API is disabled: set VOXSWAP_ADMIN_TOKEN (or --admin-token) to enable it")
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(authorization)
+    if token is None:
         raise Unauthorized("send 'Authorization: Bearer <admin token>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if not is_admin_token(settings, token):
         raise Unauthorized("the admin token is wrong")
+
+
+def require_admin(request: Request) -> str:
+    check_admin(get_ctx(request).settings, request.headers.get("authorization", ""))
     return "admin"
 
 

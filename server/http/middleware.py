@@ -1,7 +1,13 @@
-"""The ASGI layer every HTTP request passes: request id, upload size limit, request metrics."""
+"""The ASGI layer every HTTP request passes: request id, the guard, request metrics.
+
+The guard (``http/guard.py``) answers 401/403/429/413 from the headers before the app sees the
+request, and its :class:`~server.http.guard.BodyReader` answers 413/408 for a body that turns out
+too big or too slow while the app reads it.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -10,7 +16,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from server.errors import PayloadTooLarge, envelope
+from server.errors import VoxswapError, envelope
+from server.http.guard import UPLOAD_PATHS, Guard
 from server.logs import request_id_var
 from server.service.context import AppContext
 
@@ -21,18 +28,19 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-UPLOAD_PREFIXES = ("/api/transcribe", "/v1/audio/", "/admin/model/versions", "/api/jobs")
-UPLOAD_ROUTES = frozenset({"/api/transcribe", "/v1/audio/transcriptions", "/admin/model/versions", "/api/jobs"})
 UNCOUNTED_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})  # probes and scrapes
 TRANSCRIPTION_PREFIXES = ("/api/transcribe", "/v1/audio/")  # what voxswap_requests_in_flight counts
+REJECTION_REASONS = {401: "unauthorized", 403: "unauthorized", 408: "slow_client", 413: "too_large",
+                     429: "rate_limited"}
 
 
 class RequestContextMiddleware:
-    """Request id, upload size limit, and request metrics, as plain ASGI (no per-request copies)."""
+    """Request id, the guard, and request metrics, as plain ASGI (no per-request copies)."""
 
     def __init__(self, app: ASGIApp, ctx: AppContext):
         self.app = app
         self.ctx = ctx
+        self.guard = Guard(ctx.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,30 +53,26 @@ class RequestContextMiddleware:
         path: str = scope.get("path", "")
         counted = path not in UNCOUNTED_PATHS
         transcription = path.startswith(TRANSCRIPTION_PREFIXES)
-        limit = self.ctx.settings.max_upload_bytes
         status = {"code": 500, "version": "none"}
         started = time.perf_counter()
         metrics = self.ctx.metrics
-        body_limit: _BodyLimit | None = None
+        # a body the app leaves unread must not be read (and thrown away) after the answer: close instead
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         if transcription:
             metrics.in_flight.inc()
         try:
-            if path.startswith(UPLOAD_PREFIXES) and scope.get("method") == "POST":
-                length = headers.get(b"content-length")
-                if length is not None and length.isdigit() and int(length) > limit:
-                    await self._refuse_too_large(send, request_id, int(length), limit)
-                    status["code"] = 413
-                    metrics.rejections.labels("too_large").inc()
-                    return
-                receive = body_limit = _BodyLimit(receive, limit)
+            try:
+                limit = self.guard.admit(scope, headers)
+            except VoxswapError as exc:
+                await self._refuse(send, exc, request_id, close=has_body, status=status)
+                return
+            reader = self.guard.reader(receive, scope, limit)
 
             async def send_wrapper(message: Message) -> None:
-                if body_limit is not None and body_limit.exceeded:
+                if reader.failure is not None:
                     # FastAPI answers an error raised while it reads the body with its own 400
                     if message["type"] == "http.response.start":
-                        status["code"] = 413
-                        metrics.rejections.labels("too_large").inc()
-                        await self._refuse_too_large(send, request_id, None, limit)
+                        await self._refuse(send, reader.failure, request_id, close=True, status=status)
                     return
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
@@ -77,13 +81,13 @@ class RequestContextMiddleware:
                         if key.lower() == b"x-model-version":
                             status["version"] = value.decode()
                     raw.append((b"x-request-id", request_id.encode()))
-                    if self.ctx.lifecycle.draining:
+                    if self.ctx.lifecycle.draining or (has_body and not reader.complete):
                         # a client told to close now never races the idle-connection close at shutdown
                         raw.append((b"connection", b"close"))
                     message["headers"] = raw
                 await send(message)
 
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, reader, send_wrapper)
         finally:
             if transcription:
                 metrics.in_flight.dec()
@@ -98,38 +102,25 @@ class RequestContextMiddleware:
         """The route's template (never the raw path: one series per job id would be unbounded). An
         upload refused before routing (413 from its Content-Length) still gets its route's name."""
         route = getattr(scope.get("route"), "path", None)
-        if route is None and scope.get("path") in UPLOAD_ROUTES:
+        if route is None and scope.get("path") in UPLOAD_PATHS:
             route = scope["path"]
         return route or "unmatched"
 
-    async def _refuse_too_large(self, send: Send, request_id: str, length: int | None, limit: int) -> None:
-        message = (f"the upload is {length} bytes; this server accepts at most {limit} bytes" if length
-                   else f"the upload exceeds {limit} bytes, the most this server accepts")
-        body = envelope(message, type_="invalid_request_error", code="payload_too_large", param="file",
-                        request_id=request_id)
-        response = JSONResponse(body, status_code=413, headers={"x-request-id": request_id,
-                                                                "connection": "close"})
-        await response({"type": "http"}, _no_body, send)
+    async def _refuse(self, send: Send, exc: VoxswapError, request_id: str, *, close: bool,
+                      status: dict[str, Any]) -> None:
+        """Answer in the error envelope without the app; closing when a body may still be coming."""
+        status["code"] = exc.status_code
+        self.ctx.metrics.rejections.labels(REJECTION_REASONS.get(exc.status_code, "refused")).inc()
+        body = envelope(exc.message, type_=exc.type, code=exc.code, param=exc.param, request_id=request_id)
+        headers = {"x-request-id": request_id}
+        if close or self.ctx.lifecycle.draining:
+            headers["connection"] = "close"
+        if exc.retry_after:
+            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        if exc.status_code == 401:
+            headers["www-authenticate"] = "Bearer"
+        await JSONResponse(body, status_code=exc.status_code, headers=headers)({"type": "http"}, _no_body, send)
 
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
-
-
-class _BodyLimit:
-    """Count body bytes as they arrive, for uploads sent without a Content-Length."""
-
-    def __init__(self, receive: Receive, limit: int):
-        self.receive = receive
-        self.limit = limit
-        self.seen = 0
-        self.exceeded = False
-
-    async def __call__(self) -> Message:
-        message = await self.receive()
-        if message["type"] == "http.request":
-            self.seen += len(message.get("body", b""))
-            if self.seen > self.limit:
-                self.exceeded = True
-                raise PayloadTooLarge(f"the upload is larger than {self.limit} bytes", param="file")
-        return message

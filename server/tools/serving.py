@@ -6,13 +6,19 @@ finish (up to ``drain_timeout_s``), runs the lifespan shutdown and exits 0.
 
 Under gunicorn the model is loaded in each worker after fork (never in the master: an onnxruntime
 session inherited across fork is unsafe), and a worker takes no traffic until its model is loaded.
+
+Both run uvicorn's h11 protocol with what it lacks against slow and greedy clients
+(:class:`SlowClientProtocol`): a deadline for the request headers and a cap on open connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -24,15 +30,168 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import h11
 import uvicorn
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn_worker import UvicornWorker
 
+from server.errors import envelope
 from server.logs import route_server_loggers
 from server.settings import Settings
 
 log = logging.getLogger("voxswap.serving")
+connections_log = logging.getLogger("voxswap.connections")  # rate-limited (server/logs.py)
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class SlowClientProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and a connection cap.
+
+    uvicorn times out idle keep-alive connections but not one that is slow to send its request
+    headers (or sends nothing at all): each held a descriptor for as long as the client liked,
+    until the process ran out of them (issue 18, finding F). Here a connection whose headers are
+    not complete ``header_timeout_s`` after it opened, or after the first byte of its next request,
+    is closed. And the process keeps at most ``max_connections`` open, so descriptors never run
+    out: a new connection beyond it pushes out the oldest one that is not in a request (idle, or
+    still sending its headers), so a slow-header flood cannot crowd out clients that send their
+    request at once; with every connection in a request, the new one is answered 503 and closed.
+    (uvicorn's ``limit_concurrency`` only looks once a request's headers are in, which a slow-header
+    flood never reaches.) The body's deadlines live in the ASGI guard (``server/http/guard.py``),
+    which can answer 408 in the error envelope.
+    """
+
+    header_timeout_s = 10.0
+    max_connections = 500
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._opened = self.loop.time()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._evict_one():
+            connections_log.warning("connection refused: every connection this process keeps is in a request",
+                                    extra={"event": "connection_refused", "max_connections": self.max_connections})
+            transport.write(_TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection that is between requests or still sending its headers."""
+        idle = self._idle_peers()
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._opened)
+        connections_log.warning("connection closed to make room: the most open connections were reached and "
+                                "it was not in a request", extra={"event": "connection_evicted",
+                                                                  "max_connections": self.max_connections})
+        oldest.transport.close()
+        oldest.connections.discard(oldest)  # its slot is free now, not when the close completes
+        return True
+
+    def _idle_peers(self) -> list[SlowClientProtocol]:
+        return [c for c in self.connections if isinstance(c, SlowClientProtocol) and c is not self
+                and c.conn.their_state is h11.IDLE and (c.cycle is None or c.cycle.response_complete)
+                and not c.transport.is_closing()]
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._header_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            connections_log.warning("connection closed: its request headers took longer than the header "
+                                    "timeout", extra={"event": "header_timeout", "timeout_s": self.header_timeout_s})
+            self.transport.close()
+
+
+def _raw_503() -> bytes:
+    body = json.dumps(envelope("this server has as many connections open as it keeps; try again shortly",
+                               type_="server_error", code="overloaded", request_id=None)).encode()
+    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n")
+    return head + body
+
+
+_TOO_MANY_CONNECTIONS = _raw_503()
+
+
+def http_protocol(settings: Settings) -> type[SlowClientProtocol]:
+    """The protocol class uvicorn builds one of per connection, with these settings' limits."""
+
+    class VoxswapProtocol(SlowClientProtocol):
+        header_timeout_s = settings.header_timeout_s
+        max_connections = settings.max_connections
+
+    return VoxswapProtocol
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for voxswap: the slow-client protocol, keep-alive and drain timeouts."""
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_config": None, "http": http_protocol(settings),
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        "timeout_graceful_shutdown": max(1, round(settings.drain_timeout_s)),
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
+def warn_if_exposed(settings: Settings) -> bool:
+    """Log a warning when the server listens beyond loopback with no client API keys: anyone who can
+    reach it may transcribe, and every client sees every job. True when it warned."""
+    if settings.api_keys_file is not None or _is_loopback(settings.host):
+        return False
+    log.warning("listening on %s without client API keys: anyone who can reach this port may transcribe "
+                "and see every job; set VOXSWAP_API_KEYS_FILE", settings.host,
+                extra={"event": "no_api_keys", "host": settings.host})
+    return True
+
+
+def raise_open_files_limit(settings: Settings, backlog: int) -> None:
+    """Make room for every connection the process keeps plus one accept burst: asyncio accepts up
+    to the listen backlog at once, before any of them can be turned away, and a process out of
+    descriptors stops answering even /health. Like Go's runtime, raise the soft limit (within the
+    hard one) rather than fail; warn when even the hard limit is too low."""
+    needed = settings.max_connections + backlog + 256  # 256: the registry, job store, logs, models
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning("the open-files limit is lower than VOXSWAP_MAX_CONNECTIONS needs; lower it or raise "
+                    "`ulimit -n`", extra={"event": "open_files_limit", "limit": target, "needed": needed})
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
 
 
 class GracefulServer(uvicorn.Server):
@@ -81,9 +240,10 @@ class GracefulServer(uvicorn.Server):
 def serve_single(settings: Settings) -> int:
     from server.app import begin_shutdown, create_app
 
+    warn_if_exposed(settings)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
+    config = uvicorn_config(app, settings)
+    raise_open_files_limit(settings, config.backlog)
     server = GracefulServer(config, on_shutdown=lambda: begin_shutdown(app), delay_s=settings.shutdown_delay_s)
     server.run()
     return 0 if server.started else 1
@@ -138,7 +298,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "worker_class": "server.tools.serving.VoxswapWorker",
         "timeout": settings.worker_timeout_s,
         "graceful_timeout": int(settings.shutdown_delay_s + settings.drain_timeout_s) + 5,
-        "keepalive": 5,
+        "keepalive": settings.keepalive_timeout_s,
         "preload_app": False,  # load the model after fork, in each worker
         "control_socket_disable": True,  # gunicorn 27 would otherwise create ~/.gunicorn/gunicorn.ctl
         "accesslog": None,
@@ -152,6 +312,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def run_gunicorn(settings: Settings) -> int:
+    warn_if_exposed(settings)
     prepare_metrics_dir()
     from gunicorn.app.base import BaseApplication
 
@@ -182,6 +343,8 @@ class VoxswapWorker(UvicornWorker):  # type: ignore[misc]
         app = self.wsgi
         settings: Settings = app.state.ctx.settings
         self.config.app = app
+        self.config.http = http_protocol(settings)  # keep-alive comes from gunicorn's own option
+        raise_open_files_limit(settings, self.config.backlog)
         self.config.timeout_graceful_shutdown = max(1, round(settings.drain_timeout_s))
         server = GracefulServer(self.config, on_shutdown=lambda: begin_shutdown(app),
                                 delay_s=settings.shutdown_delay_s)
