@@ -27,7 +27,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
         if exc.status_code == 409 and not exc.retry_after:
             headers["x-should-retry"] = "false"  # the openai client retries 409s unless told this one won't pass
-        if exc.status_code >= 500 and exc.status_code not in (503, 504):
+        if exc.status_code >= 500 and exc.status_code not in (503, 504, 507):  # expected refusals: no trace
             log.error("request failed", exc_info=exc)
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 

@@ -1,8 +1,10 @@
-"""Admission control for CPU-bound inference: a named, bounded thread pool and a bounded queue.
+"""Admission control for CPU-bound work: a named, bounded thread pool and a bounded queue.
 
 Requests beyond ``inference_workers + max_queue`` are refused at once with 503 and Retry-After
-instead of piling up; a request whose inference outlives the timeout is answered 504 while its
-thread finishes (its slot is only given back when the thread is really done).
+instead of piling up; a request whose work outlives the timeout is answered 504 while its thread
+finishes (its slot is only given back when the thread is really done). The work is decoding and
+inference together (see ``TranscriptionService.transcribe``): nothing CPU- or memory-heavy about a
+request happens before it is admitted here.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class InferencePool:
         return max(0, self._admitted - self._running)
 
     def check_capacity(self) -> None:
-        """Refuse now if a request would be refused later: before spending CPU on decoding it."""
+        """Refuse when ``inference_workers + max_queue`` requests are already admitted."""
         if self._admitted >= self.capacity:
             self.metrics.rejections.labels("overloaded").inc()
             raise Overloaded(

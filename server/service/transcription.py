@@ -1,13 +1,13 @@
 """Transcription as routes and batch jobs see it: audio in, a labelled, parsed transcript out.
 
-Routes call this service; the service decodes audio, admits the request to the inference pool,
-leases a model version inside the inference thread and labels the answer with that version. Batch
-jobs drive the same :class:`FileTranscription` one batch at a time (see ``server.service.jobs``).
+Routes call this service; the service admits the request to the inference pool, then decodes the
+audio and leases a model version inside the inference thread, and labels the answer with that
+version. Batch jobs drive the same :class:`FileTranscription` one batch at a time (see
+``server.service.jobs``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -66,9 +66,24 @@ class TranscriptionService:
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None
     ) -> Transcription:
-        self.pool.check_capacity()
-        decoded = await asyncio.to_thread(audio.decode, data, max_seconds=self.settings.max_audio_seconds)
-        return await self.pool.run(self.transcribe_samples, decoded.samples, language, use_itn, version)
+        """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
+
+        Decoding a small upload can cost seconds of CPU (ten minutes of 384 kHz FLAC is 230 million
+        samples to resample), so it takes a slot of the pool like inference does: concurrent decodes
+        are bounded by ``inference_workers`` (and the waiting ones by ``max_queue``, beyond which the
+        answer is 503 before a byte is decoded), they compete with inference for the same cores
+        rather than beside it, ``inference_timeout_s`` covers both, and a request costs one thread
+        hop. A separate decoding pool would add a second queue to size and a second hop.
+        """
+        return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version)
+
+    def decode(self, data: bytes) -> NDArray[np.float32]:
+        """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
+        return audio.decode(data, max_seconds=self.settings.max_audio_seconds).samples
+
+    def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool,
+                               version: str | None) -> Transcription:
+        return self.transcribe_samples(self.decode(data), language, use_itn, version)
 
     def transcribe_samples(
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None

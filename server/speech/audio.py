@@ -2,25 +2,35 @@
 
 libsndfile (soundfile) takes WAV, FLAC and Ogg quickly and exactly; everything else (mp3, m4a/aac,
 webm, opus in other containers) goes through FFmpeg via PyAV. No temp files, no librosa.
+
+Memory follows what the model will see, never the source: both paths decode block by block (frame
+by frame), resample each block at once through FFmpeg's streaming resampler and write the 16 kHz
+result into one buffer, counting output seconds against the limit. A FLAC of ten minutes of silence
+at 384 kHz (under a megabyte) costs its 16 kHz result, 38 MB, not the 920 MB of its source rate that
+decoding it whole took (1.9 GB with the resampler's copies).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from server.errors import AudioTooLong, AudioTooShort, EmptyAudio, UnsupportedAudio
 
+if TYPE_CHECKING:
+    import av  # imported where it is used: a server that never decodes never pays for FFmpeg
+
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1  # the front end needs one 25 ms frame; OpenAI's API refuses under 0.1 s too
 UNKNOWN_LENGTH = 2**62  # libsndfile reports SF_COUNT_MAX frames when a header does not say
 # Real recordings use 8-192 kHz; a header may claim anything, and resampling from an absurd rate
-# would cost seconds of CPU and gigabytes of filter for a file of a few kilobytes.
+# would cost seconds of CPU for a file of a few kilobytes.
 MIN_RATE, MAX_RATE = 1_000, 768_000
-MAX_RESAMPLE_FACTOR = 1_000  # largest up/down factor of the polyphase filter
+BLOCK_SAMPLES = 1 << 16  # source samples (all channels together) read at once: 256 kB of float32
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,13 @@ class DecodedAudio:
 
 
 def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
+    """Blocking, CPU-bound: call it where its concurrency is bounded (the inference pool)."""
     if not data:
         raise EmptyAudio("the uploaded file is empty (0 bytes)", param="file")
     decoded = _decode_soundfile(data, max_seconds) or _decode_av(data, max_seconds)
-    samples = decoded.samples
-    if samples.size == 0:
+    if decoded.samples.size == 0:
         raise EmptyAudio("the audio decodes to zero samples", param="file")
-    if not np.all(np.isfinite(samples)):
-        samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-    duration = samples.size / SAMPLE_RATE
+    duration = decoded.duration_s
     if duration < MIN_SECONDS:
         raise AudioTooShort(
             f"the audio is {duration * 1000:.0f} ms long; at least {MIN_SECONDS:g} s is needed",
@@ -52,8 +60,7 @@ def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
         )
     if duration > max_seconds:
         raise _too_long(duration, max_seconds)
-    return DecodedAudio(np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False),
-                        decoded.source_rate, decoded.source_channels, decoded.codec)
+    return decoded
 
 
 def _too_long(seconds: float | None, max_seconds: float) -> AudioTooLong:
@@ -64,34 +71,89 @@ def _too_long(seconds: float | None, max_seconds: float) -> AudioTooLong:
                         param="file")
 
 
+class _Output:
+    """The 16 kHz result, resampled and written as the source is decoded, counted against the limit.
+
+    Decoding stops a second past the limit (so a file just over it is refused with its real length).
+    The buffer is sized from the header when it says how long the audio is, else for the limit: a
+    fresh allocation costs memory only where it is written, and realloc cuts it to size at the end
+    without a copy, whereas blocks joined at the end would hold the result twice at its peak.
+    Not-a-number becomes silence and everything is clipped to [-1, 1], block by block.
+    """
+
+    def __init__(self, max_seconds: float, *, expected_s: float | None, passthrough: bool):
+        import av
+
+        self._max_seconds = max_seconds
+        self._limit = int(max_seconds * SAMPLE_RATE) + SAMPLE_RATE
+        capacity = self._limit if expected_s is None else int((expected_s + 1) * SAMPLE_RATE)
+        self._buffer = np.empty(max(1, min(self._limit, capacity)), np.float32)
+        self._size = 0
+        self._resampler = None if passthrough else av.AudioResampler(format="flt", layout="mono",
+                                                                     rate=SAMPLE_RATE)
+
+    def mono(self, block: NDArray[np.float32], rate: int) -> None:
+        """One block of mono float32 samples at ``rate`` (the soundfile path)."""
+        if self._resampler is None:
+            self._write(block)
+            return
+        import av
+
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block).reshape(1, -1), format="flt",
+                                           layout="mono")
+        frame.sample_rate = rate
+        self.frame(frame)
+
+    def frame(self, frame: av.AudioFrame | None) -> None:
+        """One decoded frame in any format and layout; None flushes the resampler's last samples."""
+        assert self._resampler is not None
+        for out in self._resampler.resample(frame):
+            self._write(out.to_ndarray().reshape(-1))
+
+    def finish(self) -> NDArray[np.float32]:
+        if self._resampler is not None:
+            self.frame(None)
+        self._buffer.resize(self._size, refcheck=False)  # nobody else holds it: realloc in place
+        return self._buffer
+
+    def _write(self, block: NDArray[Any]) -> None:  # float32: the resampler's format, or soundfile's
+        end = self._size + len(block)
+        if end > self._limit:
+            raise _too_long(None, self._max_seconds)
+        if end > len(self._buffer):  # the header said less than there is
+            self._buffer.resize(min(self._limit, max(end, 2 * len(self._buffer))), refcheck=False)
+        out = self._buffer[self._size : end]
+        out[:] = block
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.clip(out, -1.0, 1.0, out=out)
+        self._size = end
+
+
 def _decode_soundfile(data: bytes, max_seconds: float) -> DecodedAudio | None:
-    """Read block by block, mono as it goes, and stop past the limit: a few MB of FLAC can hold
-    hours of silence, and reading it whole would take gigabytes before the length check."""
+    """Read block by block, mono as it goes, resampled as it goes, and stop past the limit."""
     import soundfile as sf
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as fh:
             rate, channels, codec = fh.samplerate, fh.channels, f"{fh.format}/{fh.subtype}".lower()
             _check_rate(rate)
-            if UNKNOWN_LENGTH > fh.frames > max_seconds * rate + rate:
+            known = fh.frames < UNKNOWN_LENGTH
+            if known and fh.frames > max_seconds * rate + rate:
                 raise _too_long(fh.frames / rate, max_seconds)
-            limit, mono = int(max_seconds * rate) + 1, []
-            for block in fh.blocks(blocksize=rate * 10, dtype="float32", always_2d=True):
-                mono.append(block.mean(axis=1, dtype=np.float32))
-                limit -= len(block)
-                if limit < 0:
-                    raise _too_long(None, max_seconds)
+            output = _Output(max_seconds, expected_s=fh.frames / rate if known else None,
+                             passthrough=rate == SAMPLE_RATE)
+            blocksize = max(256, BLOCK_SAMPLES // max(1, channels))
+            for block in fh.blocks(blocksize=blocksize, dtype="float32", always_2d=True):
+                output.mono(block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32), rate)
+            samples = output.finish()
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         return None
-    samples = np.concatenate(mono) if mono else np.zeros(0, np.float32)
-    return DecodedAudio(_resample(samples, rate), rate, channels, codec)
+    return DecodedAudio(samples, rate, channels, codec)
 
 
 def _decode_av(data: bytes, max_seconds: float) -> DecodedAudio:
     import av
 
-    chunks: list[NDArray[np.float32]] = []
-    limit = int(max_seconds * SAMPLE_RATE) + SAMPLE_RATE  # decoding stops a second past the limit
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.audio[0] if container.streams.audio else None
@@ -101,15 +163,11 @@ def _decode_av(data: bytes, max_seconds: float) -> DecodedAudio:
             if rate:
                 _check_rate(rate)
             codec = f"{container.format.name}/{stream.codec_context.name}"
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            expected = container.duration / av.time_base if container.duration else None
+            output = _Output(max_seconds, expected_s=expected, passthrough=False)
             for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
-                    limit -= out.samples
-                if limit < 0:
-                    raise _too_long(None, max_seconds)
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+                output.frame(frame)
+            samples = output.finish()
     except (UnsupportedAudio, AudioTooLong):
         raise
     except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
@@ -118,8 +176,7 @@ def _decode_av(data: bytes, max_seconds: float) -> DecodedAudio:
             f"webm): {_short(exc)}",
             param="file",
         ) from exc
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return DecodedAudio(samples.astype(np.float32, copy=False), rate, channels, codec)
+    return DecodedAudio(samples, rate, channels, codec)
 
 
 def _check_rate(rate: int) -> None:
@@ -128,23 +185,6 @@ def _check_rate(rate: int) -> None:
             f"the audio's sample rate is {rate} Hz; this server accepts {MIN_RATE} to {MAX_RATE} Hz",
             param="file",
         )
-
-
-def _resample(samples: NDArray[np.float32], rate: int) -> NDArray[np.float32]:
-    """Polyphase resampling; exact for every common rate (8, 11.025, 22.05, 44.1, 48, 96 kHz...).
-
-    An odd rate such as 44101 Hz reduces to 16000/44101, a filter of almost a million taps; the
-    nearest ratio with factors up to 1000 is off by under a millionth, which no recogniser notices.
-    """
-    if rate == SAMPLE_RATE or samples.size == 0:
-        return samples.astype(np.float32, copy=False)
-    from fractions import Fraction
-
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(SAMPLE_RATE, rate).limit_denominator(MAX_RESAMPLE_FACTOR)
-    resampled: NDArray[np.float32] = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
-    return resampled
 
 
 def _short(exc: BaseException) -> str:

@@ -48,7 +48,8 @@ def frame_db(samples: NDArray[np.float32], frame: int = int(FRAME_S * SAMPLE_RAT
     if count == 0:
         return np.zeros(0, np.float32)
     frames = samples[: count * frame].astype(np.float32, copy=False).reshape(count, frame)
-    rms: NDArray[np.float32] = np.sqrt(np.mean(np.square(frames), axis=1))
+    # einsum sums the squares frame by frame without a full-length squared copy of the file
+    rms: NDArray[np.float32] = np.sqrt(np.einsum("ij,ij->i", frames, frames) / frame)
     db: NDArray[np.float32] = np.maximum(20.0 * np.log10(np.maximum(rms, 1e-12)), FLOOR_DB)
     return db.astype(np.float32)
 
