@@ -34,7 +34,8 @@ def data_dir(tmp_path: Path) -> Path:
 def jobs_app(make_settings: Callable[..., Any], data_dir: Path) -> Callable[..., TestClient]:
     """``jobs_app(**settings)`` -> a TestClient (not yet started) whose jobs live in ``data_dir``."""
     def build(**overrides: Any) -> TestClient:
-        base: dict[str, Any] = dict(data_dir=data_dir, job_poll_s=0.05, webhook_backoff_s=0.05)
+        base: dict[str, Any] = dict(data_dir=data_dir, job_poll_s=0.05, webhook_backoff_s=0.05,
+                                    webhook_allow_networks="127.0.0.1/32")  # the test receivers
         return TestClient(create_app(make_settings(**{**base, **overrides})))
 
     return build

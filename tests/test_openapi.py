@@ -84,7 +84,7 @@ class Contract:
 
 @pytest.fixture
 def contract(make_settings: Callable[..., Any], tmp_path: Path) -> Iterator[Contract]:
-    settings = make_settings(data_dir=tmp_path / "data", job_poll_s=0.05)
+    settings = make_settings(data_dir=tmp_path / "data", job_poll_s=0.05, webhook_allow_networks="127.0.0.1/32")
     with TestClient(create_app(settings)) as client:
         yield Contract(client, client.get("/openapi.json").json())
 

@@ -16,10 +16,10 @@ class JobTimings(Closed):
 
 
 class JobWebhook(Closed):
-    url: str
+    url: str = Field(description="scheme://host[:port]/path only: never the query string or userinfo")
     status: str | None = Field(description="pending, sending, delivered or failed; null once cancelled")
     attempts: int
-    error: str | None
+    error: str | None = Field(description="HTTP <status>, or a generic reason that never shows network details")
 
 
 class Job(Closed):
@@ -41,6 +41,8 @@ class Job(Closed):
     error: str | None
     webhook: JobWebhook | None
     result_url: str
+    owner_key: str | None = Field(
+        description="Id (never the key) of the client API key that submitted it; null without keys")
 
 
 class JobsSubmitted(Closed):

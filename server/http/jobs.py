@@ -9,15 +9,17 @@ from pathlib import PurePosixPath
 from typing import IO, Annotated, Any, Literal
 from urllib.parse import quote
 
-import httpx
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady, PayloadTooLarge
+from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady
 from server.http import job_schemas, schemas
-from server.http.deps import CtxDep
+from server.http.deps import Client, ClientDep, CtxDep
+from server.service import webhooks
+from server.service.archives import Submission, ZipLimits, ZipPlan
 from server.service.context import AppContext
 from server.service.jobs import JobRunner
+from server.settings import Settings
 from server.speech.formats import cues, to_srt, to_vtt
 from server.storage.job_records import Job, NewJob
 from server.storage.job_store import JobStore
@@ -25,8 +27,6 @@ from server.vocab import AUDIO_SUFFIXES, JobStatus, Language
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 ResultFormat = Literal["txt", "text", "json", "srt", "vtt"]
-MAX_ZIP_MEMBERS = 1000
-ZIP_EXPANSION = 4  # a zip may unpack to this many times max_upload_bytes in all
 
 
 def _runner(ctx: AppContext) -> JobRunner:
@@ -46,8 +46,15 @@ async def _existing_store(ctx: AppContext) -> JobStore | None:
     return await asyncio.to_thread(store.ensure) if store.exists() else None
 
 
-async def _job(store: JobStore | None, job_id: str) -> Job:
-    job = await asyncio.to_thread(store.get, job_id) if store is not None else None
+def _only_key(client: Client) -> str | None:
+    """Whose jobs this client may see: its own key's; every job for the admin, and for everyone
+    when no client keys are configured (key_id None: all clients are one client)."""
+    return None if client.admin or client.key_id is None else client.key_id
+
+
+async def _job(store: JobStore | None, job_id: str, client: Client) -> Job:
+    """The job, or 404 alike for one that does not exist and one another key owns."""
+    job = await asyncio.to_thread(store.get, job_id, only_key=_only_key(client)) if store is not None else None
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")
     return job
@@ -58,94 +65,75 @@ def _suffix(name: str) -> str:
     return suffix if suffix in AUDIO_SUFFIXES else ".bin"
 
 
-def _is_zip(name: str, fh: IO[bytes]) -> bool:
-    head = fh.read(4)
-    fh.seek(0)
-    return head == b"PK\x03\x04" or name.lower().endswith(".zip")
-
-
-def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int) -> tuple[list[NewJob], list[str]]:
-    """One upload as staged jobs: itself, or each audio file in it if it is a zip. Blocking."""
-    if not _is_zip(name, fh):
+def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int,
+           plan: ZipPlan | None) -> tuple[list[NewJob], list[str]]:
+    """One upload as staged jobs: itself, or the recordings its zip's plan names. Blocking."""
+    if plan is None:
         single = store.stage(name, fh, _suffix(name), limit=limit)
         if single.size_bytes == 0:
             store.discard([single])
             raise EmptyAudio(f"{name!r} is empty (0 bytes)", param="files")
         return [single], []
-    try:
-        archive = zipfile.ZipFile(fh)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidRequest(f"{name!r} is not a readable zip file", param="files") from exc
     staged: list[NewJob] = []
-    skipped: list[str] = []
-    budget = limit * ZIP_EXPANSION
     try:
-        with archive:
-            members = [m for m in archive.infolist() if not m.is_dir()]
-            if len(members) > MAX_ZIP_MEMBERS:
-                raise PayloadTooLarge(f"{name!r} holds {len(members)} files; at most {MAX_ZIP_MEMBERS}",
-                                      param="files")
-            for member in members:
-                base = PurePosixPath(member.filename).name
-                if (member.filename.startswith("__MACOSX/") or base.startswith(".")
-                        or _suffix(base) == ".bin" or member.file_size == 0):
-                    skipped.append(member.filename)
-                    continue
-                budget -= member.file_size
-                if budget < 0:
-                    raise PayloadTooLarge(f"{name!r} unpacks to more than {limit * ZIP_EXPANSION} bytes",
-                                          param="files")
-                with archive.open(member) as source:  # sizes are enforced again while copying
-                    staged.append(store.stage(member.filename, source, _suffix(base), limit=limit))
+        with zipfile.ZipFile(fh) as archive:
+            for member in plan.members:
+                with archive.open(member) as source:  # never inflated past the size the plan checked
+                    staged.append(store.stage(member.filename, source, _suffix(member.filename), limit=limit))
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as exc:
         store.discard(staged)
         raise InvalidRequest(f"{name!r} could not be unpacked: {exc}", param="files") from exc
     except BaseException:
         store.discard(staged)
         raise
-    return staged, skipped
+    return staged, list(plan.skipped)
 
 
-def _webhook(url: str | None) -> str | None:
-    """Parsed here as the delivery will parse it: a URL httpx refuses later would never be called."""
+async def _webhook(url: str | None, settings: Settings) -> str | None:
+    """Checked now as every delivery will check it: a URL that could never be delivered, or that
+    points inside the network (loopback, private, metadata...), is a 400 with the reason."""
     if not url:
         return None
-    try:
-        parsed = httpx.URL(url)
-        ok = (parsed.scheme in ("http", "https") and bool(parsed.host) and len(url) <= 2000
-              and (parsed.port is None or 0 < parsed.port < 65536))
-    except (httpx.InvalidURL, ValueError, TypeError):
-        ok = False
-    if not ok:
-        raise InvalidRequest("webhook_url must be a valid http:// or https:// URL", param="webhook_url")
+    await webhooks.resolve(url, settings.webhook_allow_networks, timeout_s=settings.webhook_timeout_s)
     return url
 
 
-@router.post("", status_code=202, response_model=job_schemas.JobsSubmitted, responses=schemas.errors(400, 413, 503))
+@router.post("", status_code=202, response_model=job_schemas.JobsSubmitted,
+             responses={**schemas.errors(400, 413, 503), 429: {
+                 "model": schemas.ErrorEnvelope, "description": "This key has its most jobs waiting; see Retry-After"},
+                 507: {"model": schemas.ErrorEnvelope, "description": "The server's storage for jobs is full"}})
 async def submit(
     ctx: CtxDep,
+    client: ClientDep,
     files: Annotated[list[UploadFile], File(description="Audio files, or zips of audio files")],
     language: Annotated[Language, Form()] = "auto",
     use_itn: Annotated[bool, Form()] = False,
     webhook_url: Annotated[str | None, Form()] = None,
 ) -> dict[str, Any]:
-    """Queue one job per recording; the answer comes at once, the transcripts later."""
-    hook = _webhook(webhook_url)
+    """Queue one job per recording, owned by the client's API key; the answer comes at once, the
+    transcripts later."""
+    hook = await _webhook(webhook_url, ctx.settings)
+    submission = Submission(ZipLimits.of(ctx.settings))  # every zip judged before anything is written
+    plans = [await asyncio.to_thread(submission.survey, upload.filename or "upload", upload.file) for upload in files]
     store = await _store(ctx)
+    budget = ctx.settings.data_dir_budget_bytes
+    await asyncio.to_thread(store.check_space, submission.bytes, budget)
     limit = ctx.settings.max_upload_bytes
     staged: list[NewJob] = []
     skipped: list[str] = []
     try:
-        for upload in files:
+        for upload, plan in zip(files, plans, strict=True):
             name = upload.filename or "upload"
-            new, left = await asyncio.to_thread(_stage, store, name, upload.file, limit)
+            new, left = await asyncio.to_thread(_stage, store, name, upload.file, limit, plan)
             staged += new
             skipped += left
         if not staged:
             raise InvalidRequest("the upload holds no audio files" + (f" (skipped: {', '.join(skipped[:10])})"
                                                                      if skipped else ""), param="files")
         jobs = await asyncio.to_thread(store.add, staged, language=language, use_itn=use_itn, webhook_url=hook,
-                                       max_pending=ctx.settings.max_pending_jobs)
+                                       max_pending=ctx.settings.max_pending_jobs, owner_key=client.key_id,
+                                       max_pending_per_key=ctx.settings.max_pending_jobs_per_key,
+                                       disk_budget=budget)
     except BaseException:
         await asyncio.to_thread(store.discard, staged)
         raise
@@ -156,20 +144,22 @@ async def submit(
 @router.get("", response_model=job_schemas.JobPage, responses=schemas.errors(400, 503))
 async def list_jobs(
     ctx: CtxDep,
+    client: ClientDep,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> dict[str, Any]:
-    """Newest first."""
+    """Newest first: this client's jobs (every job for the admin, or when no keys are configured)."""
     store = await _existing_store(ctx)
-    jobs, total = (await asyncio.to_thread(store.page, status=status, limit=limit, offset=offset)
+    jobs, total = (await asyncio.to_thread(store.page, status=status, limit=limit, offset=offset,
+                                           only_key=_only_key(client))
                    if store is not None else ([], 0))
     return {"jobs": [job.to_json() for job in jobs], "total": total, "limit": limit, "offset": offset}
 
 
 @router.get("/{job_id}", response_model=job_schemas.Job, responses=schemas.errors(404, 503))
-async def get_job(ctx: CtxDep, job_id: str) -> dict[str, Any]:
-    return (await _job(await _existing_store(ctx), job_id)).to_json()
+async def get_job(ctx: CtxDep, client: ClientDep, job_id: str) -> dict[str, Any]:
+    return (await _job(await _existing_store(ctx), job_id, client)).to_json()
 
 
 @router.get(
@@ -180,11 +170,11 @@ async def get_job(ctx: CtxDep, job_id: str) -> dict[str, Any]:
                      "content": schemas.TEXT_BODIES},
                **schemas.errors(400, 404, 409, 503)},
 )
-async def get_result(ctx: CtxDep, job_id: str,
+async def get_result(ctx: CtxDep, client: ClientDep, job_id: str,
                      fmt: Annotated[ResultFormat, Query(alias="format")] = "json") -> Response:
     """The transcript as txt (or ``text``), json (with segments and tags), srt or vtt."""
     store = await _existing_store(ctx)
-    job = await _job(store, job_id)
+    job = await _job(store, job_id, client)
     assert store is not None
     if job.status != "completed":
         detail = f": {job.error}" if job.error else ""
@@ -204,12 +194,12 @@ async def get_result(ctx: CtxDep, job_id: str,
 
 
 @router.delete("/{job_id}", response_model=job_schemas.JobRemoved, responses=schemas.errors(404, 503))
-async def cancel_or_delete(ctx: CtxDep, job_id: str) -> dict[str, Any]:
+async def cancel_or_delete(ctx: CtxDep, client: ClientDep, job_id: str) -> dict[str, Any]:
     """Cancel a pending or running job (it keeps its row, as cancelled); delete a finished one."""
     store = await _existing_store(ctx)
-    await _job(store, job_id)  # 404 for ids that are not even well formed
+    await _job(store, job_id, client)  # 404 for ids that are not even well formed, or not this key's
     assert store is not None
-    action, job = await asyncio.to_thread(store.cancel_or_delete, job_id)
+    action, job = await asyncio.to_thread(store.cancel_or_delete, job_id, only_key=_only_key(client))
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="id")
     if action == "cancelled":

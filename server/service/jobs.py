@@ -17,9 +17,8 @@ import re
 import socket
 import time
 import uuid
-from typing import IO, Any
+from typing import IO
 
-import httpx
 import numpy as np
 from numpy.typing import NDArray
 
@@ -27,8 +26,8 @@ from server.errors import NotReady, VersionNotLoaded, VoxswapError
 from server.lifecycle.policy import ModelLifecycle
 from server.service.inference import InferencePool
 from server.service.transcription import Transcription, TranscriptionService
+from server.service.webhooks import WebhookSender
 from server.settings import Settings
-from server.speech import audio
 from server.storage.job_records import Job
 from server.storage.job_store import JobStore
 
@@ -57,7 +56,7 @@ class JobRunner:
         self.jobs_run = 0  # jobs this runner finished (completed or failed)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._webhooks: set[asyncio.Task[None]] = set()
+        self.webhooks = WebhookSender(store, settings, service.metrics)
         self._lock_fh: IO[bytes] | None = None
         self._last_recover = 0.0
         self._last_sweep = 0.0
@@ -71,12 +70,13 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop taking jobs; a job cut short goes back to pending for whoever runs next."""
-        for task in [*self._tasks, *self._webhooks]:
+        for task in self._tasks:
             task.cancel()
-        for task in [*self._tasks, *self._webhooks]:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.webhooks.stop()
         if self._lock_fh is not None:
             released = await asyncio.to_thread(self.store.release_owner, self.owner)
             if released:
@@ -130,7 +130,9 @@ class JobRunner:
                 await asyncio.to_thread(self.store.ensure)
                 host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40]
                 self.owner = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                self._lock_fh = await asyncio.to_thread(self.store.hold_owner_lock, self.owner)
+                # on the loop, not in a thread: a cancellation while a thread opened it would lose
+                # the handle (and the lock) with nobody to close it; a non-blocking flock is quick
+                self._lock_fh = self.store.hold_owner_lock(self.owner)
             if now - self._last_recover >= RECOVER_EVERY_S:
                 self._last_recover = now
                 requeued, adopted = await asyncio.to_thread(
@@ -150,9 +152,10 @@ class JobRunner:
         log.info("job started", extra={"event": "job_start", "job": job.id, "attempt": job.attempts})
         try:
             data = await asyncio.to_thread(self.store.read_input, job)
-            decoded = await asyncio.to_thread(audio.decode, data, max_seconds=self.settings.max_audio_seconds)
+            await self._wait_for_turn()  # decoding is pool work, bounded and yielding as inference is
+            samples = await self.pool.run(self.service.decode, data)
             del data
-            result = await self._transcribe(job, decoded.samples)
+            result = await self._transcribe(job, samples)
             finished = await asyncio.to_thread(self.store.complete, job, self.owner, result)
         except JobCancelled:
             finished = None
@@ -205,39 +208,4 @@ class JobRunner:
     # -- webhooks -----------------------------------------------------------------------------
 
     def _notify(self, job: Job) -> None:
-        if job.webhook_url and job.status in ("completed", "failed"):
-            task = asyncio.create_task(self._deliver(job), name=f"voxswap-webhook-{job.id}")
-            self._webhooks.add(task)
-            task.add_done_callback(self._webhooks.discard)
-
-    async def _deliver(self, job: Job) -> None:
-        """POST the job as JSON until a 2xx, with doubling waits; the outcome is kept on the job."""
-        assert job.webhook_url
-        payload: dict[str, Any] = {"event": f"job.{job.status}", "job": job.to_json()}
-        if job.status == "completed":
-            with contextlib.suppress(OSError, ValueError):
-                payload["text"] = (await asyncio.to_thread(self.store.read_result, job)).get("text")
-        await asyncio.to_thread(self.store.record_webhook, job.id, "sending", 0, None)
-        delay, error = self.settings.webhook_backoff_s, None
-        async with httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, follow_redirects=False) as client:
-            for attempt in range(1, self.settings.webhook_attempts + 1):
-                try:
-                    response = await client.post(job.webhook_url, json=payload,
-                                                 headers={"User-Agent": "voxswap-webhook", "X-Voxswap-Job": job.id})
-                    if response.is_success:
-                        await asyncio.to_thread(self.store.record_webhook, job.id, "delivered", attempt, None)
-                        self.service.metrics.webhooks.labels("delivered").inc()
-                        log.info("webhook delivered", extra={"event": "webhook_done", "job": job.id,
-                                                             "attempt": attempt})
-                        return
-                    error = f"HTTP {response.status_code}"
-                except Exception as exc:  # whatever fails an attempt (InvalidURL is no HTTPError) is retried
-                    # and recorded, never left as a delivery "sending" forever
-                    error = f"{type(exc).__name__}: {exc}"[:200]
-                await asyncio.to_thread(self.store.record_webhook, job.id, "sending", attempt, error)
-                if attempt < self.settings.webhook_attempts:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-        await asyncio.to_thread(self.store.record_webhook, job.id, "failed", self.settings.webhook_attempts, error)
-        self.service.metrics.webhooks.labels("failed").inc()
-        log.warning("webhook gave up", extra={"event": "webhook_failed", "job": job.id, "reason": error})
+        self.webhooks.notify(job)  # signed, to checked addresses only: server/service/webhooks.py

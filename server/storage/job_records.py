@@ -6,6 +6,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from server.vocab import FINISHED_JOB_STATUSES
 
@@ -35,11 +36,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     webhook_status TEXT,
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
-    webhook_error TEXT
+    webhook_error TEXT,
+    owner_key TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner) WHERE owner IS NOT NULL;
 """
+# Columns added since the first release: ``JobStore.ensure`` adds the ones an existing database
+# lacks (ALTER TABLE ADD COLUMN, instant in SQLite), then creates the indexes that use them.
+ADDED_COLUMNS = {"owner_key": "TEXT"}
+ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_key ON jobs (owner_key, status, seq) WHERE owner_key IS NOT NULL"
 
 
 class JobResult(Protocol):
@@ -75,6 +81,7 @@ class Job:
     webhook_status: str | None
     webhook_attempts: int
     webhook_error: str | None
+    owner_key: str | None = None  # the client API key that submitted it (None: no keys configured)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -110,11 +117,19 @@ class Job:
             },
             "error": self.error,
             "webhook": None if not self.webhook_url else {
-                "url": self.webhook_url, "status": self.webhook_status, "attempts": self.webhook_attempts,
+                "url": public_url(self.webhook_url), "status": self.webhook_status, "attempts": self.webhook_attempts,
                 "error": self.webhook_error,
             },
             "result_url": f"/api/jobs/{self.id}/result",
+            "owner_key": self.owner_key,
         }
+
+
+def public_url(url: str) -> str:
+    """``scheme://host[:port]/path`` of a webhook URL, as job listings show it: a query string or
+    userinfo often carries the token the receiver checks, and listings are read by others."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 @dataclass(frozen=True)

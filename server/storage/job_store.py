@@ -13,6 +13,9 @@ runs it. A process that dies (even by SIGKILL) loses its flock with it; whoever 
 owner's lock puts that owner's running jobs back to pending, so no timeout guesses whether a slow
 job is dead. Completion is a compare-and-set on (status = 'running', owner = me): a job cancelled,
 deleted or re-claimed meanwhile is never completed twice.
+
+The bytes of job files are tallied as rows change (``job_disk``), so the data dir's budget is
+checked at each submission without walking the folders.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import time
@@ -31,8 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from server.errors import Overloaded, PayloadTooLarge
-from server.storage.job_records import FINISHED, ID_RE, SCHEMA, Job, JobResult, NewJob
+from server.errors import Overloaded, PayloadTooLarge, TooManyPendingJobs
+from server.storage import job_disk
+from server.storage.files import remove_orphaned_tmp, write_text_atomic
+from server.storage.job_records import ADDED_COLUMNS, ADDED_INDEXES, FINISHED, ID_RE, SCHEMA, Job, JobResult, NewJob
 
 log = logging.getLogger("voxswap.jobs")
 STRAY_DIR_AGE_S = 3600.0  # a job folder with no row (a crash mid-submission) is removed after this
@@ -60,6 +64,8 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            _migrate(db)
+            db.executescript(job_disk.SCHEMA)
         self._ready = True
         return self
 
@@ -126,38 +132,53 @@ class JobStore:
     # -- rows ---------------------------------------------------------------------------------
 
     def add(self, staged: list[NewJob], *, language: str, use_itn: bool, webhook_url: str | None,
-            max_pending: int) -> list[Job]:
-        """One row per staged upload, all or none; refused when the queue is full."""
+            max_pending: int, owner_key: str | None = None, max_pending_per_key: int = 0,
+            disk_budget: int = 0) -> list[Job]:
+        """One row per staged upload, all or none, owned by ``owner_key``; refused when the queue is
+        full, or when that key already has ``max_pending_per_key`` jobs waiting (0: no such limit)."""
         now = time.time()
         with self._transaction() as db:
+            if max_pending_per_key and owner_key is not None:
+                mine = int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND owner_key = ?",
+                                      (owner_key,)).fetchone()[0])
+                if mine + len(staged) > max_pending_per_key:
+                    raise TooManyPendingJobs(f"this API key has {mine} jobs waiting (at most {max_pending_per_key}); "
+                                             "submit more once they have run", retry_after=30)
             pending = _count_pending(db)
             if pending + len(staged) > max_pending:
                 raise Overloaded(f"{pending} jobs are waiting (at most {max_pending}); submit later",
                                  retry_after=30)
+            incoming = sum(n.size_bytes for n in staged)
+            job_disk.check(job_disk.used(db), incoming, disk_budget)  # again here: peers submit meanwhile
+            job_disk.charge(db, incoming)
             db.executemany(
                 "INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, "
-                "webhook_url, webhook_status, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                "webhook_url, webhook_status, created_at, owner_key) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                 [(n.id, n.filename, n.input_name, n.size_bytes, language, int(use_itn), webhook_url,
-                  "pending" if webhook_url else None, now) for n in staged],
+                  "pending" if webhook_url else None, now, owner_key) for n in staged],
             )
             rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(staged))}) ORDER BY seq",
                               [n.id for n in staged]).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, *, only_key: str | None = None) -> Job | None:
+        """The job, or None; with ``only_key``, None as well when another key owns it."""
         if not ID_RE.fullmatch(job_id):
             return None
         with self._connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row) if row else None
+        return Job.from_row(row) if row and _visible(row, only_key) else None
 
     def pending(self) -> int:
         with self._connect() as db:
             return _count_pending(db)
 
-    def page(self, *, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-        """Newest first."""
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+    def page(self, *, status: str | None, limit: int, offset: int,
+             only_key: str | None = None) -> tuple[list[Job], int]:
+        """Newest first; with ``only_key``, that key's jobs only."""
+        filters = [("status = ?", status), ("owner_key = ?", only_key)]
+        conditions, args = [c for c, v in filters if v is not None], [v for _, v in filters if v is not None]
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._connect() as db:
             total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
             rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
@@ -187,13 +208,12 @@ class JobStore:
     def complete(self, job: Job, owner: str, result: JobResult) -> Job | None:
         """Write the result, then flip to completed; None (and no result) if it was cancelled."""
         folder = self.job_dir(job.id)
-        tmp = folder / f".result.{uuid.uuid4().hex}.tmp"
-        try:
-            tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False))
-            os.replace(tmp, folder / "result.json")
+        try:  # a locked temporary file renamed over result.json: one left by a crash is swept
+            write_text_atomic(folder / "result.json", json.dumps(result.to_json(), ensure_ascii=False),
+                              durable=False)
         except FileNotFoundError:  # the job was deleted under us
             return None
-        with self._connect() as db:
+        with self._transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'completed', progress = 1, finished_at = ?, model_version = ?, "
                 "duration_s = ?, processing_ms = ? WHERE id = ? AND owner = ? AND status = 'running' "
@@ -201,19 +221,38 @@ class JobStore:
                 (time.time(), result.model_version, round(result.duration_s, 3), result.processing_ms,
                  job.id, owner),
             ).fetchone()
+            if row is not None:
+                job_disk.charge(db, (folder / "result.json").stat().st_size)
         if row is None:
             (folder / "result.json").unlink(missing_ok=True)
             return None
         return Job.from_row(row)
 
     def fail(self, job: Job, owner: str, error: str) -> Job | None:
-        with self._connect() as db:
+        """Failed for good, and its input deleted at once: nothing reads it again, and a client that
+        sends undecodable files must not fill the disk for the whole retention."""
+        with self._transaction() as db:
             row = db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "
                 "WHERE id = ? AND owner = ? AND status = 'running' RETURNING *",
                 (time.time(), error, job.id, owner),
             ).fetchone()
-        return Job.from_row(row) if row else None
+            if row is not None:
+                job_disk.charge(db, -row["size_bytes"])
+        if row is None:
+            return None
+        self._drop_inputs([row])
+        return Job.from_row(row)
+
+    def check_space(self, incoming: int, budget: int) -> None:
+        """507 when ``incoming`` more bytes would take the job files past ``budget`` (0: none)."""
+        if budget:
+            with self._connect() as db:
+                job_disk.check(job_disk.used(db), incoming, budget)
+
+    def _drop_inputs(self, rows: list[sqlite3.Row]) -> None:
+        for row in rows:
+            (self.job_dir(row["id"]) / row["input_name"]).unlink(missing_ok=True)
 
     def release(self, job: Job, owner: str) -> None:
         """Back to pending without counting the attempt (no model loaded, or a clean shutdown)."""
@@ -228,15 +267,17 @@ class JobStore:
                              "attempts = MAX(0, attempts - 1) WHERE owner = ? AND status = 'running'", (owner,))
         return cur.rowcount
 
-    def cancel_or_delete(self, job_id: str) -> tuple[str, Job | None]:
-        """Cancel a pending or running job; delete a finished one (row, audio and result)."""
+    def cancel_or_delete(self, job_id: str, *, only_key: str | None = None) -> tuple[str, Job | None]:
+        """Cancel a pending or running job; delete a finished one (row, audio and result). With
+        ``only_key``, another key's job is "missing", exactly like one that does not exist."""
         now = time.time()
         with self._transaction() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
+            if row is None or not _visible(row, only_key):
                 return "missing", None
             if row["status"] in FINISHED:
                 db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                job_disk.charge(db, -job_disk.held(row, self.job_dir(job_id)))
                 action = "deleted"
             else:
                 row = db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, "
@@ -291,9 +332,10 @@ class JobStore:
             with self._transaction() as db:
                 failed = db.execute(
                     "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE owner = ? AND "
-                    "status = 'running' AND attempts >= ?",
+                    "status = 'running' AND attempts >= ? RETURNING id, input_name, size_bytes",
                     (time.time(), f"the server stopped {max_attempts} times while running this job; gave up",
-                     owner, max_attempts)).rowcount
+                     owner, max_attempts)).fetchall()
+                job_disk.charge(db, -sum(r["size_bytes"] for r in failed))
                 requeued += db.execute(
                     "UPDATE jobs SET status = 'pending', owner = NULL, started_at = NULL, progress = 0 "
                     "WHERE owner = ? AND status = 'running'", (owner,)).rowcount
@@ -302,26 +344,52 @@ class JobStore:
                     "webhook_status IN ('pending', 'sending') AND status IN ('completed', 'failed') "
                     "RETURNING id", (me, owner))]
             if failed:
-                log.warning("jobs failed after repeated crashes", extra={"event": "job_gave_up", "count": failed})
+                self._drop_inputs(failed)
+                log.warning("jobs failed after repeated crashes", extra={"event": "job_gave_up",
+                                                                         "count": len(failed)})
         return requeued, adopted
 
     def sweep(self, retention_s: float) -> int:
         """Delete finished jobs past their retention, and job folders left by an interrupted upload."""
         cutoff = time.time() - retention_s
-        with self._connect() as db:
-            old = [r[0] for r in db.execute(
+        with self._transaction() as db:
+            old = db.execute(
                 "DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at < ? "
-                "RETURNING id", (cutoff,))]
+                "RETURNING id, status, size_bytes", (cutoff,)).fetchall()
+            job_disk.charge(db, -sum(job_disk.held(r, self.job_dir(r["id"])) for r in old))
             known = {r[0] for r in db.execute("SELECT id FROM jobs")}
-        for job_id in old:
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        for row in old:
+            shutil.rmtree(self.job_dir(row["id"]), ignore_errors=True)
         stray_cutoff = time.time() - STRAY_DIR_AGE_S
         for folder in self.jobs_dir.iterdir():
             if ID_RE.fullmatch(folder.name) and folder.name not in known:
                 with contextlib.suppress(FileNotFoundError):
                     if folder.stat().st_mtime < stray_cutoff:
                         shutil.rmtree(folder, ignore_errors=True)
+            elif folder.name in known:
+                remove_orphaned_tmp(folder)  # a result a dead worker never renamed into place
         return len(old)
+
+
+def _visible(row: sqlite3.Row, only_key: str | None) -> bool:
+    return only_key is None or row["owner_key"] == only_key
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older release up to the schema: the missing columns are added
+    under the write lock (processes starting together add each once), then their indexes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                log.info("jobs table upgraded", extra={"event": "jobs_migrated", "column": column})
+        db.execute(ADDED_INDEXES)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _count_pending(db: sqlite3.Connection) -> int:
