@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-from server.storage.registry import MODEL_FILES, Registry
+from server.storage.manifest import MODEL_FILES
+from server.storage.registry import Registry
 from server.testing import synth
 from server.testing.modelgen import TestModelSpec, make_test_model
 from testkit.processes import ServerProcess, start_server

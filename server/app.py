@@ -30,7 +30,6 @@ from server.storage.job_store import JobStore
 from server.storage.registry import Registry
 
 log = logging.getLogger("voxswap.app")
-STAGING_MAX_AGE_S = 3600.0  # older staging folders belong to no add that is still running
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,8 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ctx.jobs = JobRunner(JobStore(settings.data_dir), service, pool, lifecycle, settings)
     lifecycle.after_swap = lambda report: background.check_memory_budget(ctx, report)
 
-    app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan,
-                  docs_url="/docs", redoc_url=None)
+    # public_docs off: /docs and /openapi.json are not mounted (404 as any unknown path); behind the
+    # token they would be no use, as Swagger's page cannot send one for /openapi.json
+    docs = settings.public_docs
+    app = FastAPI(title="voxswap", version=_package_version(), lifespan=_lifespan, redoc_url=None,
+                  docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
     for router in (transcribe.router, jobs.router, admin.router, ui.router, page.router):
@@ -59,9 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: AppContext = app.state.ctx
     ctx.registry.ensure()
-    leftovers = await asyncio.to_thread(ctx.registry.clean_staging, older_than_s=STAGING_MAX_AGE_S)
+    leftovers = await asyncio.to_thread(ctx.registry.clean_leftovers)  # only what no live process owns
     if leftovers:
-        log.warning("removed what interrupted adds left in the registry's staging folder",
+        log.warning("removed what crashed adds, uploads and writes left in the registry",
                     extra={"event": "staging_cleaned", "leftovers": leftovers})
     if ctx.settings.seed_demo:
         await asyncio.to_thread(seed.seed_if_empty, ctx.registry)

@@ -18,7 +18,8 @@ from server.lifecycle.board import Rollout, WorkerBoard
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.settings import Settings
-from server.storage.registry import Registry, write_json_atomic
+from server.storage.files import write_json_atomic
+from server.storage.registry import Registry
 from server.testing import synth
 from tests.conftest import TEXT_B
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, Field
 
-from server.errors import Conflict, NotReady
+from server.errors import Conflict, NotReady, SwapInProgress
 from server.http import schemas
 from server.http.deps import CtxDep, require_admin
+from server.service.context import AppContext
+from server.storage.manifest import validate_new_name
 from server.storage.registry import ANY_CURRENT
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
@@ -115,9 +115,14 @@ async def upload_version(
     version: Annotated[str, Form()],
     file: Annotated[UploadFile, File(description="tar.gz of a version folder")],
 ) -> dict[str, Any]:
-    """Add a version from a tar.gz (as deploy.sh sends it); checksums are verified on arrival."""
-    with tempfile.TemporaryDirectory(prefix="voxswap-upload-") as tmp:
-        archive = Path(tmp) / "version.tar.gz"
+    """Add a version from a tar.gz (as deploy.sh sends it); checksums are verified on arrival.
+
+    The archive is kept in a folder of the registry's ``.staging`` that this process owns while it
+    works, so one a killed server left is found and removed at the next start, and a live one never.
+    """
+    validate_new_name(version)  # 400 before a possibly large archive is copied
+    with ctx.registry.work_folder("received") as folder:
+        archive = folder / "version.tar.gz"
         with archive.open("wb") as out:
             await asyncio.to_thread(shutil.copyfileobj, file.file, out)
         manifest = await asyncio.to_thread(ctx.registry.add_archive, archive, version, actor="admin")
@@ -129,8 +134,20 @@ async def upload_version(
 async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
     if name in ctx.lifecycle.loaded_versions():
         raise Conflict(f"version {name!r} is loaded and cannot be removed")
-    await asyncio.to_thread(ctx.registry.remove, name, actor="admin")
+    await asyncio.to_thread(ctx.registry.remove, name, actor="admin", guard=lambda: _not_rolling_out(ctx, name))
     return {"removed": name}
+
+
+def _not_rolling_out(ctx: AppContext, name: str) -> None:
+    """409 while any worker builds ``name`` for an update: it is not loaded yet, so without this the
+    files would go from under the build, and the update would fail its verification instead.
+
+    Called under the registry lock, under which rollouts are claimed: none can begin meanwhile.
+    """
+    rollout = ctx.lifecycle.board.rollout()
+    if rollout and rollout.version == name and rollout.phase in ("staging", "committed") and not rollout.stale():
+        raise SwapInProgress(f"version {name!r} is being rolled out by an update; remove it once the update "
+                             "has finished (and it is neither current nor previous)", retry_after=2)
 
 
 @router.get("/history", response_model=schemas.History, responses=schemas.errors(400))

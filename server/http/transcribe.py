@@ -6,12 +6,12 @@ import os
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Header, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.errors import InvalidRequest, NotFound, RegistryError
 from server.http import schemas
-from server.http.deps import CtxDep
+from server.http.deps import CtxDep, bearer_token, is_admin_token
 from server.service.context import AppContext
 from server.service.transcription import Transcription
 from server.speech.formats import to_srt, to_vtt
@@ -161,9 +161,20 @@ async def metrics(ctx: CtxDep) -> Response:
     return Response(body, media_type=content_type)
 
 
+def _admin_or_absent(ctx: AppContext, request: Request) -> None:
+    """A private route does not exist without the admin token: 404 as for any unknown path, so the
+    port does not even tell a scanner that it is there."""
+    if not is_admin_token(ctx.settings, bearer_token(request.headers.get("authorization", ""))):
+        raise NotFound("Not Found")
+
+
 @router.get("/api/system/status", tags=["status"], response_model=schemas.SystemStatus,
-            responses=schemas.errors())
-async def status(ctx: CtxDep) -> dict[str, Any]:
+            responses={**schemas.errors(), 404: {"model": schemas.ErrorEnvelope, "description":
+                       "The status is private (VOXSWAP_PUBLIC_STATUS=false) and no admin token was sent"}})
+async def status(ctx: CtxDep, request: Request) -> dict[str, Any]:
+    """What this process serves and how; with ``public_status`` off, for the admin token only."""
+    if not ctx.settings.public_status:
+        _admin_or_absent(ctx, request)
     lifecycle = ctx.lifecycle
     live = lifecycle.live
     state = ctx.registry.state()

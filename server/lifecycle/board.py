@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.errors import SwapInProgress
-from server.storage.registry import Registry, write_json_atomic
+from server.storage.files import write_json_atomic
+from server.storage.registry import Registry
 from server.vocab import HistoryEvent
 
 HEARTBEAT_STALE_S = 5.0

@@ -28,7 +28,7 @@ from server.engines.sensevoice import Engine
 from server.errors import NotReady, VersionNotLoaded
 from server.lifecycle.report import SwapReport
 from server.lifecycle.smoke import SmokeReport
-from server.storage.registry import Manifest
+from server.storage.manifest import Manifest
 
 
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ from typing import Any
 from server.engines.sensevoice import Engine
 from server.errors import VoxswapError
 from server.speech import audio, richtext
-from server.storage.registry import Manifest
+from server.storage.manifest import Manifest
 from server.testing import synth
 
 

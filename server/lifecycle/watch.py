@@ -23,7 +23,8 @@ from typing import Any, Protocol
 from server.errors import VoxswapError
 from server.lifecycle.stats import Window, aggregate
 from server.settings import Settings
-from server.storage.registry import Registry, write_json_atomic
+from server.storage.files import write_json_atomic
+from server.storage.registry import Registry
 from server.vocab import HistoryEvent
 
 log = logging.getLogger("voxswap.watch")

@@ -11,7 +11,8 @@
   const TOKEN_KEY = "voxswap.adminToken";
 
   const $ = (id) => document.getElementById(id);
-  const view = { status: null, versions: null, history: null, jobs: null, busy: null, picked: false, vocab: null };
+  const view = { status: null, statusHidden: false, versions: null, history: null, jobs: null, busy: null, picked: false,
+    vocab: null };
 
   // -- small helpers --------------------------------------------------------------------------
 
@@ -61,11 +62,11 @@
 
   // Reads give up after READ_TIMEOUT_MS, so a hung server shows as offline instead of freezing the
   // page on its last state; actions (an update waits for a whole swap) wait as long as they take.
-  // The admin token goes to the admin API only: no other route needs it, and what is not sent
-  // cannot end up in another route's logs.
+  // The admin token goes to the admin API only, and to a route whose caller passes it (the status,
+  // where a server keeps it private): what is not sent cannot end up in another route's logs.
   async function api(path, { method = "GET", json, form, withToken } = {}) {
     const headers = {};
-    const secret = path.startsWith("/admin/") ? (withToken !== undefined ? withToken : token()) : "";
+    const secret = withToken !== undefined ? withToken : (path.startsWith("/admin/") ? token() : "");
     if (secret) headers.Authorization = `Bearer ${secret}`;
     let body;
     if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
@@ -185,6 +186,13 @@
   function renderStatus() {
     const s = view.status;
     const state = $("state");
+    if (!s && view.statusHidden) {
+      state.textContent = "private";
+      state.dataset.state = "private";
+      $("hint").textContent = token() ? "This server keeps its status private, and does not show it for this token."
+        : "This server keeps its status private: enter the admin token to see it.";
+      return;
+    }
     if (!s) {
       state.textContent = "unreachable";
       state.dataset.state = "offline";
@@ -243,7 +251,7 @@
     const all = (why) => ({ all: why, each: {} });
     if (!token()) return all("enter the admin token first");
     if (view.busy) return all(`wait: ${view.busy.toLowerCase()} is running`);
-    if (!s) return all("the server cannot be reached");
+    if (!s) return all(view.statusHidden ? "the server shows its status to the admin token only" : "the server cannot be reached");
     if (s.state === "shutting_down") return all("the server is shutting down");
     if (s.state !== "ready" && s.state !== "not_loaded") return all(`wait: the model is ${STATE_LABELS[s.state] || s.state}`);
     const why = {};
@@ -516,12 +524,23 @@
 
   // -- polling ----------------------------------------------------------------------------------
 
+  // A server may keep its status private (VOXSWAP_PUBLIC_STATUS=false): without the admin token it
+  // answers 404. Once the page has seen that, it sends the token for the status too (if it has one).
+  let statusPrivate = false;
+
   async function refreshStatus() {
-    const r = await api("/api/system/status");
+    const path = "/api/system/status";
+    let r = await api(path, { withToken: statusPrivate ? token() : "" });
+    if (r.status === 404 && !statusPrivate) {
+      statusPrivate = true;
+      if (token()) r = await api(path, { withToken: token() });
+    }
     view.status = r.ok ? r.data : null;
+    view.statusHidden = r.status === 404;
     const conn = $("conn");
-    conn.textContent = r.ok ? `live · updated ${when(Date.now() / 1000)}` : "offline · retrying";
-    conn.dataset.ok = r.ok ? "yes" : "no";
+    conn.textContent = r.ok ? `live · updated ${when(Date.now() / 1000)}`
+      : view.statusHidden ? "status private · admin token needed" : "offline · retrying";
+    conn.dataset.ok = r.ok ? "yes" : view.statusHidden ? "private" : "no";
   }
 
   async function refreshAdmin() {

@@ -8,7 +8,9 @@ Layout (all under one root folder)::
     history.jsonl               append-only: every add, promote, rollback, refusal and removal
                                 (the events are server.vocab.HistoryEvent)
     .lock                       filelock guarding state.json and history.jsonl
-    .staging/                   where ``add`` builds a version before one rename publishes it
+    .staging/<work>[.lock]      where ``add`` builds a version before one rename publishes it, an
+                                upload is unpacked, a removed version is deleted; each folder is
+                                owned through the flock on its ``.lock`` (server.storage.files)
 
 The registry is the source of truth shared by the CLI, every server process and every worker: a
 process learns about a promotion by noticing that ``state.json`` changed, never by being told.
@@ -16,18 +18,16 @@ process learns about a promotion by noticing that ``state.json`` changed, never 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tarfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,60 +39,31 @@ from server.errors import (
     RegistryError,
     UnexpectedCurrent,
     VerificationFailed,
-    VoxswapError,
 )
-from server.vocab import AUDIO_SUFFIXES, HistoryEvent
+from server.storage.archive import unpack_version
+from server.storage.files import (
+    fsync_dir,
+    make_read_only,
+    owned_folder,
+    remove_orphaned_tmp,
+    remove_unowned,
+    sha256_file,
+    write_json_atomic,
+)
+from server.storage.manifest import (
+    MANIFEST,
+    Manifest,
+    SmokeClip,
+    check_clip,
+    check_model_folder,
+    is_folder_clip,
+    relative_files,
+    validate_name,
+    validate_new_name,
+)
+from server.vocab import HistoryEvent
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MODEL_FILES = ("model_quant.onnx", "model.onnx")
-SIDE_FILES = ("config.yaml", "am.mvn", "chn_jpn_yue_eng_ko_spectok.bpe.model")
-MANIFEST = "manifest.json"
 ANY_CURRENT: Any = object()  # "no expectation" for compare-and-swap: any current version will do
-
-
-@dataclass(frozen=True)
-class SmokeClip:
-    """An audio file inside the version folder and the transcript it must produce."""
-
-    audio: str
-    text: str
-    language: str = "auto"
-    use_itn: bool = False
-
-
-@dataclass(frozen=True)
-class Manifest:
-    name: str
-    created_at: float
-    source: str
-    files: list[dict[str, Any]]
-    smoke: list[SmokeClip]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(int(f["size"]) for f in self.files)
-
-    def model_file(self, prefer_quantized: bool = True) -> str:
-        present = {f["path"] for f in self.files}
-        order = MODEL_FILES if prefer_quantized else tuple(reversed(MODEL_FILES))
-        return next(name for name in order if name in present)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["total_bytes"] = self.total_bytes
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        return cls(
-            name=data["name"],
-            created_at=float(data["created_at"]),
-            source=data.get("source", ""),
-            files=list(data["files"]),
-            smoke=[SmokeClip(**clip) for clip in data.get("smoke", [])],
-            metadata=dict(data.get("metadata", {})),
-        )
 
 
 @dataclass(frozen=True)
@@ -106,54 +77,6 @@ class RegistryState:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def validate_name(name: str) -> str:
-    """Version names become folder names: refuse anything that could escape ``versions/``."""
-    if not NAME_RE.fullmatch(name) or set(name) == {"."}:
-        raise RegistryError(
-            f"invalid version name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (not only dots)",
-            param="version",
-        )
-    return name
-
-
-def check_model_folder(src: Path) -> None:
-    """The files funasr-onnx needs; checked before anything is copied."""
-    if not src.is_dir():
-        raise RegistryError(f"{src} is not a folder")
-    missing = [name for name in SIDE_FILES if not (src / name).is_file()]
-    if not any((src / name).is_file() for name in MODEL_FILES):
-        missing.append(" or ".join(MODEL_FILES))
-    if missing:
-        raise RegistryError(f"{src} is not a SenseVoice ONNX folder: missing {', '.join(missing)}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -268,41 +191,42 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         actor: str = "cli",
     ) -> Manifest:
-        """Copy a model folder in as an immutable version. A crash leaves no half version behind."""
-        validate_name(name)
+        """Copy a model folder in as an immutable version. A crash leaves no half version behind.
+
+        The copy is built in a folder of ``.staging`` this process owns (see :meth:`work_folder`),
+        so a process killed mid-copy leaves nothing that a later :meth:`clean_staging` would spare.
+        """
+        validate_new_name(name)
         src = Path(src)
         check_model_folder(src)
         self.ensure()
         if (self.versions_dir / name).exists():
             raise Conflict(f"version {name!r} already exists; versions are immutable, pick a new name")
-        staging = self.staging_dir / f"{name}.{uuid.uuid4().hex}"
+        self.clean_staging()  # a killed add's model-sized copy goes now, not at the next server start
         try:
-            shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
-            clips = self._collect_smoke(staging, list(smoke))
-            files = [
-                {"path": rel, "size": (staging / rel).stat().st_size, "sha256": sha256_file(staging / rel)}
-                for rel in sorted(_relative_files(staging))
-            ]
-            manifest = Manifest(
-                name=name,
-                created_at=time.time(),
-                source=source if source is not None else str(src.absolute()),
-                files=files,
-                smoke=clips,
-                metadata=metadata or {},
-            )
-            write_json_atomic(staging / MANIFEST, manifest.to_json())
-            _make_read_only(staging)
-            os.rename(staging, self.versions_dir / name)
-            _fsync_dir(self.versions_dir)
+            with self.work_folder(name) as staging:
+                shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"), dirs_exist_ok=True)
+                clips = self._collect_smoke(staging, list(smoke))
+                files = [
+                    {"path": rel, "size": (staging / rel).stat().st_size, "sha256": sha256_file(staging / rel)}
+                    for rel in sorted(relative_files(staging))
+                ]
+                manifest = Manifest(
+                    name=name,
+                    created_at=time.time(),
+                    source=source if source is not None else str(src.absolute()),
+                    files=files,
+                    smoke=clips,
+                    metadata=metadata or {},
+                )
+                write_json_atomic(staging / MANIFEST, manifest.to_json())
+                make_read_only(staging)
+                os.rename(staging, self.versions_dir / name)
+                fsync_dir(self.versions_dir)
         except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
             if (self.versions_dir / name).exists():
                 raise Conflict(f"version {name!r} already exists") from exc
             raise RegistryError(f"could not add version {name!r}: {exc.strerror or exc}") from exc
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.record(HistoryEvent.ADD, version=name, actor=actor, outcome="success", bytes=manifest.total_bytes,
                     smoke_clips=len(clips))
         return manifest
@@ -313,38 +237,19 @@ class Registry:
         Only regular files and folders are unpacked, and every path the sent manifest names must
         stay inside the upload: an archive must not make the server read or link its own files.
         """
-        validate_name(name)
+        validate_new_name(name)
         self.ensure()
-        unpack = self.staging_dir / f"upload.{uuid.uuid4().hex}"
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                members = tar.getmembers()
-                odd = [m.name for m in members if not (m.isfile() or m.isdir())]
-                if odd:
-                    raise RegistryError(f"upload may hold only files and folders, not links or devices: {odd[0]}")
-                unpack.mkdir(parents=True)
-                tar.extractall(unpack, members=members, filter="data")
-            roots = list(unpack.iterdir())
-            folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else unpack
-            expected = folder / MANIFEST
-            sent: Manifest | None = None
-            if expected.is_file():
-                sent = Manifest.from_json(json.loads(expected.read_text()))
-                for entry in sent.files:
-                    path = _inside(folder, entry["path"])
-                    if not path.is_file() or sha256_file(path) != entry["sha256"]:
-                        raise VerificationFailed(f"upload: {entry['path']} does not match its checksum")
-            smoke = []
-            for clip in sent.smoke if sent else []:
-                path = _inside(folder, clip.audio)
-                if not (clip.audio.startswith("smoke/") and _is_folder_clip(path)):  # add finds those itself
-                    smoke.append((path, clip.text))
-            return self.add(folder, name, smoke=smoke, source=sent.source if sent else "upload",
-                            metadata=sent.metadata if sent else {}, actor=actor)
-        except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-            raise RegistryError(f"upload is not a readable tar.gz of a version folder: {exc}") from exc
-        finally:
-            shutil.rmtree(unpack, ignore_errors=True)
+        with self.work_folder("upload") as unpack:
+            version = unpack_version(archive, unpack)
+            return self.add(version.folder, name, smoke=version.smoke, source=version.source,
+                            metadata=version.metadata, actor=actor)
+
+    def work_folder(self, kind: str) -> AbstractContextManager[Path]:
+        """A new empty folder under ``.staging``, owned by this process for the block and removed
+        after it. A process killed while it holds one loses the ownership with its life, and the
+        folder is then removed by :meth:`clean_staging`, however recently it was written."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        return owned_folder(self.staging_dir / f"{kind}.{uuid.uuid4().hex}")
 
     def _collect_smoke(self, staging: Path, extra: list[tuple[Path, str]]) -> list[SmokeClip]:
         """Smoke clips from the folder's ``smoke/`` (``x.wav`` + ``x.txt``) and from the caller."""
@@ -357,8 +262,8 @@ class Registry:
         clips = []
         if smoke_dir.is_dir():
             for clip in sorted(smoke_dir.iterdir()):
-                if _is_folder_clip(clip):
-                    _check_clip(clip)
+                if is_folder_clip(clip):
+                    check_clip(clip)
                     clips.append(SmokeClip(audio=f"smoke/{clip.name}",
                                            text=clip.with_suffix(".txt").read_text().strip()))
         return clips
@@ -421,18 +326,27 @@ class Registry:
                                  outcome="reverted", reason=reason, generation=new.generation)
         return new
 
-    def remove(self, name: str, *, actor: str = "cli") -> None:
-        path = self.version_dir(name)
-        with self._lock:
+    def remove(self, name: str, *, actor: str = "cli", guard: Callable[[], None] | None = None) -> None:
+        """Delete a version that is neither current nor previous.
+
+        ``guard`` runs under the registry lock just before the version goes, and raises to keep it:
+        a server refuses to remove a version its workers are rolling out (rollouts are claimed under
+        the same lock, so none can begin between the guard and the rename).
+        """
+        self.version_dir(name)  # 404 before anything is created
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        trash = self.staging_dir / f"removing.{name}.{uuid.uuid4().hex}"
+        with owned_folder(trash, create=False), self._lock:
+            path = self.version_dir(name)  # again under the lock: a concurrent remove may have won
             state = self.state()
             if name in (state.current, state.previous):
                 which = "current" if name == state.current else "previous"
                 raise Conflict(f"version {name!r} is the {which} version and cannot be removed")
-            trash = self.staging_dir / f"removing.{name}.{uuid.uuid4().hex}"
+            if guard is not None:
+                guard()
             os.rename(path, trash)  # one rename: the version vanishes at once, never half-deleted
             self._append_history(HistoryEvent.REMOVE, version=name, actor=actor, outcome="success")
-        _make_writable(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        # leaving the block deleted the files; a crash before that leaves an unowned folder behind
 
     def record(self, event: HistoryEvent, **fields: Any) -> None:
         with self._lock:
@@ -447,22 +361,21 @@ class Registry:
         finally:
             os.close(fd)
 
-    def clean_staging(self, *, older_than_s: float = 0.0) -> list[str]:
+    def clean_staging(self) -> list[str]:
         """Remove what an interrupted ``add``, upload or ``remove`` left behind (model-sized copies).
 
-        ``older_than_s`` spares folders touched more recently, which an ``add`` running in another
-        process may still be filling; with 0, call it only when no add can be running.
+        Ownership decides, not age: a folder whose process still runs is never touched, so this is
+        safe at any time. A folder without its ``.lock`` (left by an older release) counts as left.
         """
-        removed = []
-        if self.staging_dir.is_dir():
-            cutoff = time.time() - older_than_s
-            for leftover in self.staging_dir.iterdir():
-                with contextlib.suppress(FileNotFoundError):
-                    if older_than_s and leftover.stat().st_mtime > cutoff:
-                        continue
-                    _make_writable(leftover)
-                    shutil.rmtree(leftover, ignore_errors=True)
-                    removed.append(leftover.name)
+        return remove_unowned(self.staging_dir)
+
+    def clean_leftovers(self) -> list[str]:
+        """Everything a crash can leave in the registry: unowned staging folders, and the temporary
+        files of atomic replaces (state.json, rollout.json, watch.json, heartbeats) whose writer died
+        before renaming them. Returns the paths removed, relative to the root."""
+        removed = [f".staging/{name}" for name in self.clean_staging()]
+        removed += remove_orphaned_tmp(self.root)
+        removed += [f"workers/{name}" for name in remove_orphaned_tmp(self.root / "workers")]
         return removed
 
     def export_archive(self, name: str, out: Path) -> Path:
@@ -471,44 +384,3 @@ class Registry:
         with tarfile.open(out, "w:gz") as tar:
             tar.add(root, arcname=name)
         return out
-
-
-def _is_folder_clip(path: Path) -> bool:
-    """A golden clip in a version folder's ``smoke/``: audio with its transcript beside it."""
-    return path.suffix.lower() in AUDIO_SUFFIXES and path.with_suffix(".txt").is_file()
-
-
-def _check_clip(path: Path) -> None:
-    """A golden clip that does not decode would only be found at promote time: refuse it at add."""
-    from server.speech import audio
-
-    try:
-        audio.decode(path.read_bytes(), max_seconds=3600)
-    except VoxswapError as exc:
-        raise RegistryError(f"smoke clip {path.name}: {exc.message}", param="smoke_audio") from exc
-
-
-def _inside(folder: Path, relative: str) -> Path:
-    """``folder / relative``, refused if it would leave ``folder`` (absolute, ``..``, links)."""
-    path = (folder / relative).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise RegistryError(f"upload: manifest path {relative!r} leaves the version folder")
-    return path
-
-
-def _relative_files(root: Path) -> Iterator[str]:
-    for path in root.rglob("*"):
-        if path.is_file():
-            yield path.relative_to(root).as_posix()
-
-
-def _make_read_only(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _make_writable(root: Path) -> None:
-    for path in [root, *root.rglob("*")]:
-        with contextlib.suppress(OSError):
-            path.chmod(path.stat().st_mode | stat.S_IWUSR)

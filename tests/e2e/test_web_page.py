@@ -19,7 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from server.storage.registry import Registry
 from server.testing import synth
-from testkit.harness import serve_in_thread
+from testkit.harness import serve_in_thread, wait_until
 from tests.conftest import TEXT_A, TOKEN
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
@@ -60,22 +60,32 @@ def open_page(browser: sync_api.Browser, server_url: str) -> Iterator[OpenPage]:
     """``open_page(width, height)`` -> the operator page in a fresh tab of that size.
 
     Any uncaught script error on the page fails the test: a broken script leaves stale numbers up.
+    So does anything the page's Content-Security-Policy refused: the policy must be true to the page.
     """
     contexts: list[sync_api.BrowserContext] = []
     script_errors: list[str] = []
+    refused: list[str] = []
 
     def open_(width: int, height: int) -> sync_api.Page:
         context = browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: script_errors.append(str(error)))
-        page.goto(server_url)
+        page.on("console", lambda message: refused.extend(csp_violations([message])))
+        response = page.goto(server_url)
+        assert response is not None and "default-src 'none'" in response.headers["content-security-policy"]
         return page
 
     yield open_
     for context in contexts:
         context.close()
     assert not script_errors, f"the page's script failed: {script_errors}"
+    assert not refused, f"the page's Content-Security-Policy refused: {refused}"
+
+
+def csp_violations(messages: list[sync_api.ConsoleMessage]) -> list[str]:
+    """Chromium reports each refusal of the policy as a console error naming it."""
+    return [m.text for m in messages if m.type == "error" and "Content Security Policy" in m.text]
 
 
 @pytest.fixture
@@ -241,3 +251,55 @@ def test_a_server_that_stops_answering_shows_as_offline_not_as_its_last_state(op
     assert hung  # the page did ask, and gave up on its own (its timeout ended those requests)
     page.unroute("**/api/system/status")
     expect(connection).to_contain_text("live", timeout=10_000)
+
+
+def test_the_pages_policy_is_enforced_an_injected_inline_script_does_not_run(
+    browser: sync_api.Browser, server_url: str
+) -> None:
+    """What an attacker's markup would try, were it ever shown: refused, and reported as a violation
+    (which is also how the check in ``open_page`` would notice the page's own inline code)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        messages: list[sync_api.ConsoleMessage] = []
+        page.on("console", lambda message: messages.append(message))
+        page.goto(server_url)
+        expect(shown(page, "Live version")).to_have_text("a")  # app.js, from /static, runs
+        page.evaluate("""() => {
+            const s = document.createElement("script");
+            s.textContent = "window.injected = true";
+            document.head.append(s);
+            document.body.setAttribute("style", "display: none");
+        }""")
+        expect(page.get_by_role("heading", name="Status")).to_be_visible()  # the style was refused
+        assert page.evaluate("window.injected") is None
+        wait_until(lambda: len(csp_violations(messages)) >= 2, timeout_s=10, message="both refusals reported")
+    finally:
+        context.close()
+
+
+def test_a_server_that_keeps_its_status_private_shows_it_to_the_admin_token_only(
+    browser: sync_api.Browser, make_settings: Callable[..., Settings]
+) -> None:
+    with serve_in_thread(create_app(make_settings(public_status=False))) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            messages: list[sync_api.ConsoleMessage] = []
+            page.on("console", lambda message: messages.append(message))
+            page.goto(url)
+            expect(page.get_by_role("status", name="Model state")).to_have_text("private")
+            expect(page.get_by_text("This server keeps its status private: enter the admin token to see it.")
+                   ).to_be_visible()
+            expect(page.locator("#conn")).to_have_text("status private · admin token needed")
+
+            with page.expect_request(lambda r: urlparse(r.url).path == "/api/system/status"
+                                     and "authorization" in r.headers) as status_poll:
+                unlock(page, TOKEN)
+            assert status_poll.value.headers["authorization"] == f"Bearer {TOKEN}"
+            expect(shown(page, "Live version")).to_have_text("a")
+            expect(page.get_by_role("status", name="Model state")).to_have_text("loaded")
+            expect(page.locator("#conn")).to_contain_text("live")
+            assert not csp_violations(messages)
+        finally:
+            context.close()
