@@ -242,7 +242,5 @@ class Settings(BaseSettings):
     """Bytes that job inputs and results may take in ``data_dir``, counted as jobs come and go; a
     submission that would exceed it gets 507 until jobs are deleted or expire (0: no budget)."""
 
-    # -- end of settings --
-
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
