@@ -34,20 +34,11 @@ from numpy.typing import NDArray
 
 from bench.common import QUICK, Bench, Goal, RssSampler, Section, Table, generate, make_registry, mib, ratio
 from bench.report import table
+from server.testing import synth
 
 PER_REQUEST_BUDGET = 50 * 1000 * 1000  # issue 18: at most 50 MB of extra memory per request
 
 
-def silent_flac(seconds: int, rate: int) -> bytes:
-    """Silence as 16-bit FLAC, written block by block."""
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as fh:
-        block = np.zeros(rate, np.int16)
-        for _ in range(seconds):
-            fh.write(block)
-    return buf.getvalue()
 
 
 def naive_decode(data: bytes) -> NDArray[np.float32]:
@@ -75,18 +66,24 @@ def _child(kind: str, path: str, concurrent: int, conn: Connection) -> None:
     """In a fresh process: warm up, then (peak RSS growth, seconds) of ``concurrent`` decodes."""
     decode = naive_decode if kind == "naive" else streaming_decode
     data = Path(path).read_bytes()
-    decode(silent_flac(1, 48_000))  # imports, FFmpeg and libsndfile start-up: not the file's cost
+    decode(synth.silence_flac(1, 48_000))  # imports, FFmpeg and libsndfile start-up: not the file's cost
     threads = [threading.Thread(target=decode, args=(data,)) for _ in range(concurrent)]
     with RssSampler(os.getpid(), 0.002) as rss:
-        time.sleep(0.05)  # a sample before the start
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        ended = time.monotonic()
+        started, ended = _at_once(threads)
     conn.send((rss.peak(started, ended) - rss.before(started), ended - started))
     conn.close()
+
+
+def _at_once(threads: Sequence[threading.Thread]) -> tuple[float, float]:
+    """Start every thread together and wait for all; (start, end) on the monotonic clock, after a
+    pause so the sampler has a reading from before the start."""
+    time.sleep(0.05)
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return started, time.monotonic()
 
 
 def in_process(kind: str, path: Path, concurrent: int) -> tuple[int, float]:
@@ -105,18 +102,12 @@ def through_server(bench: Bench, data: bytes, counts: Sequence[int]) -> dict[int
     out: dict[int, tuple[int, float, list[int]]] = {}
     with bench.server(bench.registry) as server, httpx.Client(base_url=server.url, timeout=600) as client:
         pid = client.get("/api/system/status").json()["workers"][0]["pid"]
-        client.post("/api/transcribe", files={"file": ("warm.flac", silent_flac(2, 384_000))})
+        client.post("/api/transcribe", files={"file": ("warm.flac", synth.silence_flac(2, 384_000))})
         with RssSampler(pid, 0.002) as rss:
             for n in counts:
                 statuses: list[int] = []
                 threads = [threading.Thread(target=_post, args=(server.url, data, statuses)) for _ in range(n)]
-                time.sleep(0.05)  # a sample before the start
-                started = time.monotonic()
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                ended = time.monotonic()
+                started, ended = _at_once(threads)
                 out[n] = (rss.peak(started, ended) - rss.before(started), ended - started, statuses)
     return out
 
@@ -133,7 +124,7 @@ def run(bench: Bench, *, seconds: int = 599, rate: int = 384_000, naive_four: bo
         f"{seconds} s of silence at {rate} Hz as FLAC. *naive* decodes it whole at its own rate and then "
         "resamples (what the server did before issue 18); *streaming* is `audio.decode` (block by block "
         "to 16 kHz); *server* is a real `voxswap serve` with one inference thread.")
-    data = silent_flac(seconds, rate)
+    data = synth.silence_flac(seconds, rate)
     path = bench.workdir / "abuse.flac"
     path.write_bytes(data)
     result_bytes = seconds * 16_000 * 4

@@ -93,3 +93,28 @@ def speech_wav() -> bytes:
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# -- batch jobs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def jobs_app(make_settings: Callable[..., Any], data_dir: Path) -> Callable[..., TestClient]:
+    """``jobs_app(**settings)`` -> a TestClient (not yet started) whose jobs live in ``data_dir``."""
+    def build(**overrides: Any) -> TestClient:
+        base: dict[str, Any] = dict(data_dir=data_dir, job_poll_s=0.05, webhook_backoff_s=0.05,
+                                    webhook_allow_networks="127.0.0.1/32")  # the test receivers
+        return TestClient(create_app(make_settings(**{**base, **overrides})))
+
+    return build
+
+
+@pytest.fixture
+def jobs_client(jobs_app: Callable[..., TestClient]) -> Iterator[TestClient]:
+    with jobs_app() as c:
+        yield c

@@ -7,12 +7,14 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -110,13 +112,24 @@ def server_process(registry: Path, data_dir: Path, log_file: Path, **env: str) -
         server.stop()
 
 
-class WebhookReceiver:
-    """A tiny HTTP server on loopback that records every POST and answers with scripted statuses."""
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
 
-    def __init__(self, statuses: Sequence[int] = (200,)):
-        self.statuses = list(statuses)
-        self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WebhookReceiver:
+    """An HTTP (or, given a TLS context, HTTPS) server on 127.0.0.1 that keeps every POST as it
+    arrived, raw body included, and answers each with the next scripted (status, headers)."""
+
+    def __init__(self, answers: Sequence[tuple[int, dict[str, str]]] = ((200, {}),), *,
+                 statuses: Sequence[int] = (), tls: ssl.SSLContext | None = None):
+        self.answers = [(status, {}) for status in statuses] or list(answers)
+        self.received: list[Received] = []
         self._lock = threading.Lock()
         receiver = self
 
@@ -124,19 +137,25 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
-                    receiver.received.append(json.loads(body))
-                    receiver.headers.append(dict(self.headers))
-                    n = len(receiver.received)
-                status = receiver.statuses[min(n, len(receiver.statuses)) - 1]
+                    receiver.received.append(Received(self.path, dict(self.headers), body))
+                    status, headers = receiver.answers[min(len(receiver.received), len(receiver.answers)) - 1]
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
+                for name, value in {**headers, "Content-Length": "0"}.items():
+                    self.send_header(name, value)
                 self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a refused TLS handshake is part of a test, not noise
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, name="webhook-receiver", daemon=True)
 
     def __enter__(self) -> WebhookReceiver:

@@ -24,6 +24,7 @@ import soundfile as sf
 from server.errors import AudioTooLong
 from server.speech import audio
 from server.storage.registry import Registry
+from server.testing import synth
 from testkit.processes import start_server
 
 MB = 1_000_000
@@ -59,25 +60,17 @@ class PeakRss:
         return self.peak - self.start
 
 
-def _flac_of_silence(seconds: int, rate: int) -> bytes:
-    """Written block by block, so building the test file costs no more memory than the fix allows."""
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as fh:
-        block = np.zeros(rate, np.int16)
-        for _ in range(seconds):
-            fh.write(block)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def silent_384k_flac() -> bytes:
-    data = _flac_of_silence(SECONDS, SOURCE_RATE)
+    data = synth.silence_flac(SECONDS, SOURCE_RATE)
     assert len(data) < 1_000_000  # what the probe sent: a small upload, far inside max_upload_bytes
     return data
 
 
 def test_the_384_khz_flac_of_599_s_of_silence_decodes_within_50_mb(silent_384k_flac: bytes) -> None:
-    audio.decode(_flac_of_silence(1, SOURCE_RATE), max_seconds=600)  # imports and first-use costs
+    audio.decode(synth.silence_flac(1, SOURCE_RATE), max_seconds=600)  # imports and first-use costs
     with PeakRss(psutil.Process().pid) as rss:
         decoded = audio.decode(silent_384k_flac, max_seconds=600)
     assert (decoded.source_rate, decoded.duration_s) == (SOURCE_RATE, SECONDS)
@@ -89,10 +82,10 @@ def test_the_384_khz_flac_of_599_s_of_silence_decodes_within_50_mb(silent_384k_f
 def test_the_limit_counts_the_seconds_the_model_would_see() -> None:
     """599 s at 384 kHz is accepted like 599 s at 16 kHz, and 601 s is refused the same way, with
     its length: no rate makes a file longer or shorter than it is."""
-    assert audio.decode(_flac_of_silence(5, SOURCE_RATE), max_seconds=5).duration_s == 5
+    assert audio.decode(synth.silence_flac(5, SOURCE_RATE), max_seconds=5).duration_s == 5
     for rate in (SOURCE_RATE, 16_000):
         with pytest.raises(AudioTooLong, match=r"6\.0 s long; this server accepts at most 5 s"):
-            audio.decode(_flac_of_silence(6, rate), max_seconds=5)
+            audio.decode(synth.silence_flac(6, rate), max_seconds=5)
 
 
 @pytest.fixture
@@ -128,7 +121,7 @@ def test_four_at_once_are_decoded_one_admitted_request_at_a_time(server: str, si
         return answers, rss.growth
 
     with httpx.Client(base_url=server, timeout=300) as client:  # warm: imports, first decode, first run
-        warm = client.post("/api/transcribe", files={"file": ("s.flac", _flac_of_silence(2, SOURCE_RATE))})
+        warm = client.post("/api/transcribe", files={"file": ("s.flac", synth.silence_flac(2, SOURCE_RATE))})
         assert warm.status_code == 200, warm.text
     _, alone = send(1)  # its 16 kHz samples, the segmenter's pass over them, the model's batches
     _, together = send(4)

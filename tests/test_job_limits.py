@@ -11,14 +11,12 @@ from __future__ import annotations
 import io
 import wave
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
 from server.testing import synth
 from tests.jobs_helpers import submit, wait_for_jobs, zip_of
 
@@ -45,25 +43,6 @@ def _zip_bomb(members: int = 4, nbytes: int = BOMB_MEMBER_BYTES) -> bytes:
 
 def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def jobs_app(make_settings: Callable[..., Any], data_dir: Path) -> Callable[..., TestClient]:
-    def build(**overrides: Any) -> TestClient:
-        return TestClient(create_app(make_settings(**{"data_dir": data_dir, "job_poll_s": 0.05, **overrides})))
-
-    return build
-
-
-@pytest.fixture
-def jobs_client(jobs_app: Callable[..., TestClient]) -> Iterator[TestClient]:
-    with jobs_app() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +23,6 @@ from tests.conftest import AUTH, TEXT_A, TEXT_B
 from tests.jobs_helpers import WebhookReceiver, server_process, submit, wait_for_jobs, zip_of
 
 SLOW_MS = 40.0  # CPU ms per audio second for the "slow" test models
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def jobs_app(make_settings: Callable[..., Any], data_dir: Path) -> Callable[..., TestClient]:
-    """``jobs_app(**settings)`` -> a TestClient (not yet started) whose jobs live in ``data_dir``."""
-    def build(**overrides: Any) -> TestClient:
-        base: dict[str, Any] = dict(data_dir=data_dir, job_poll_s=0.05, webhook_backoff_s=0.05,
-                                    webhook_allow_networks="127.0.0.1/32")  # the test receivers
-        return TestClient(create_app(make_settings(**{**base, **overrides})))
-
-    return build
-
-
-@pytest.fixture
-def jobs_client(jobs_app: Callable[..., TestClient]) -> Iterator[TestClient]:
-    with jobs_app() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -335,12 +313,12 @@ def test_the_webhook_is_delivered_and_retried_after_a_500(jobs_client: TestClien
         wait_until(lambda: jobs_client.get(f"/api/jobs/{job['id']}").json()["webhook"]["status"] == "delivered",
                    timeout_s=30, message="the webhook to be delivered")
         assert hook.count() == 2  # the first answer was 500: tried again
-        first, second = hook.received
+        first, second = (got.json() for got in hook.received)
         assert first == second
         assert second["event"] == "job.completed" and second["text"] == TEXT_A
         assert second["job"]["id"] == job["id"] and second["job"]["status"] == "completed"
         assert second["job"]["model_version"] == "a"
-        assert hook.headers[1]["X-Voxswap-Job"] == job["id"]
+        assert hook.received[1].headers["X-Voxswap-Job"] == job["id"]
         webhook = jobs_client.get(f"/api/jobs/{job['id']}").json()["webhook"]
         assert webhook == {"url": hook.url, "status": "delivered", "attempts": 2, "error": None}
         assert 'voxswap_job_webhooks_total{outcome="delivered"} 1.0' in jobs_client.get("/metrics").text

@@ -17,9 +17,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,67 +30,11 @@ from server.settings import Settings
 from server.storage.job_store import JobStore
 from server.testing import synth
 from testkit.harness import wait_until
+from tests.jobs_helpers import WebhookReceiver as Receiver
 from tests.jobs_helpers import free_port, submit
 
 SECRET = "a-test-secret-of-some-length"
 LOOPBACK = "127.0.0.1/32"
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Receiver:
-    """An HTTP (or, given a TLS context, HTTPS) server on 127.0.0.1 that keeps every POST as it
-    arrived, raw body included, and answers each with the next scripted (status, headers)."""
-
-    def __init__(self, answers: Sequence[tuple[int, dict[str, str]]] = ((200, {}),),
-                 tls: ssl.SSLContext | None = None):
-        self.answers = list(answers)
-        self.received: list[Received] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with receiver._lock:
-                    receiver.received.append(Received(self.path, dict(self.headers), body))
-                    status, headers = receiver.answers[min(len(receiver.received), len(receiver.answers)) - 1]
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": "0"}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a refused TLS handshake is part of a test, not noise
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.received)
 
 
 @pytest.fixture(scope="module")

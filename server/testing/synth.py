@@ -49,3 +49,14 @@ def wav_bytes(samples: NDArray[np.float32], sample_rate: int = SAMPLE_RATE, subt
     buf = io.BytesIO()
     sf.write(buf, samples, sample_rate, format="WAV", subtype=subtype)
     return buf.getvalue()
+
+
+def silence_flac(seconds: int, rate: int) -> bytes:
+    """Digital silence as 16-bit FLAC at ``rate``, written a second at a time: a tiny file that
+    decodes to a long recording (how a hostile upload looks), built without holding it whole."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as fh:
+        block = np.zeros(rate, np.int16)
+        for _ in range(seconds):
+            fh.write(block)
+    return buf.getvalue()
