@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -228,3 +230,26 @@ def test_a_starting_server_removes_what_crashed_adds_left_and_spares_a_running_o
             assert client.get("/health/ready").status_code == 200
         assert not crashed.exists() and running.is_dir()
     assert not list(registry.staging_dir.iterdir())
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["tarfile-data-filter", "python-before-3.11.4"])
+def test_an_upload_unpacks_safely_with_or_without_tarfiles_data_filter(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_filter: bool
+) -> None:
+    """Debian 12's Python (3.11.2) has no ``filter="data"``: uploads must work there, and a path
+    that leaves the upload must be refused there too."""
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = registry.export_archive("b", tmp_path / "b.tar.gz")
+    assert registry.add_archive(archive, "b2").name == "b2"
+    assert registry.verify("b2").files == registry.verify("b").files
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        payload = b"not a model"
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(RegistryError, match="leaves"):
+        registry.add_archive(evil, "evil")
+    assert not list(tmp_path.glob("**/escaped.txt"))

@@ -28,7 +28,8 @@ def _announce(board: WorkerBoard, rollout_id: str, version: str) -> None:
     """What a coordinating peer writes when it starts a rollout (the peer is our parent process)."""
     now = time.time()
     rollout = Rollout(id=rollout_id, version=version, from_version="a", phase="staging",
-                      coordinator_pid=os.getppid(), started_at=now, deadline=now + 60)
+                      coordinator_pid=os.getppid(), started_at=now, deadline=now + 60,
+                      coordinator_id="the-parent", coordinator_host=board.host, coordinator_ns=board.pid_ns)
     write_json_atomic(board.rollout_path, rollout.to_json())
 
 

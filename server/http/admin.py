@@ -144,8 +144,9 @@ def _not_rolling_out(ctx: AppContext, name: str) -> None:
 
     Called under the registry lock, under which rollouts are claimed: none can begin meanwhile.
     """
-    rollout = ctx.lifecycle.board.rollout()
-    if rollout and rollout.version == name and rollout.phase in ("staging", "committed") and not rollout.stale():
+    board = ctx.lifecycle.board
+    rollout = board.rollout()
+    if rollout and rollout.version == name and rollout.phase in ("staging", "committed") and not board.stale(rollout):
         raise SwapInProgress(f"version {name!r} is being rolled out by an update; remove it once the update "
                              "has finished (and it is neither current nor previous)", retry_after=2)
 

@@ -88,10 +88,10 @@ class Rollouts:
     def follow(self) -> None:
         """Stage the rollout another worker coordinates, or drop a candidate it aborted."""
         rollout = self.board.rollout()
-        if rollout is not None and rollout.stale():
+        if rollout is not None and self.board.stale(rollout):
             self.board.clear_stale()  # its coordinator died: a staging one will never be committed
             rollout = None
-        if rollout is None or rollout.coordinator_pid == self.board.pid:
+        if rollout is None or self.board.coordinates(rollout):
             candidate = self.holder.candidate
             if rollout is None and candidate is not None and not self.swap_lock.held \
                     and self.registry.state().current != candidate.version:
@@ -145,19 +145,19 @@ class Coordination:
         try:
             while True:
                 peers = self.rollouts.board.peers()
-                ours = {p.pid: p.staged for p in peers
+                ours = {p.id: p.staged for p in peers
                         if p.staged is not None and p.staged.rollout_id == self.rollout.id}
-                self.report.workers = [{"pid": p.pid, "staged": asdict(ours[p.pid]) if p.pid in ours else None}
+                self.report.workers = [{"pid": p.pid, "staged": asdict(ours[p.id]) if p.id in ours else None}
                                        for p in peers]
-                failed = [(pid, s) for pid, s in ours.items() if s.status == "failed"]
+                failed = [p for p in peers if p.id in ours and ours[p.id].status == "failed"]
                 if failed:
-                    pid, staged = failed[0]
-                    raise SwapFailed(f"worker {pid} refused version {self.rollout.version!r}: {staged.reason}; "
-                                     "no worker switched", outcome=staged.outcome or "load_failed")
-                if all(p.pid in ours and ours[p.pid].status == "ready" for p in peers):
+                    staged = ours[failed[0].id]
+                    raise SwapFailed(f"worker {failed[0].pid} refused version {self.rollout.version!r}: "
+                                     f"{staged.reason}; no worker switched", outcome=staged.outcome or "load_failed")
+                if all(p.id in ours and ours[p.id].status == "ready" for p in peers):
                     return
                 if time.time() > self.rollout.deadline:
-                    waiting = [p.pid for p in peers if p.pid not in ours or ours[p.pid].status != "ready"]
+                    waiting = [p.pid for p in peers if p.id not in ours or ours[p.id].status != "ready"]
                     raise SwapFailed(f"workers {waiting} did not stage {self.rollout.version!r} within "
                                      f"{self.rollouts.timeout_s:g} s; no worker switched", outcome="timeout")
                 time.sleep(POLL_S)

@@ -8,6 +8,7 @@ inside must match its files on arrival, so a version damaged in transit is refus
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,15 @@ def unpack_version(archive: Path, into: Path) -> UnpackedVersion:
             odd = [m.name for m in members if not (m.isfile() or m.isdir())]
             if odd:
                 raise RegistryError(f"upload may hold only files and folders, not links or devices: {odd[0]}")
-            tar.extractall(into, members=members, filter="data")
+            for member in members:
+                inside(into, member.name)  # no absolute paths, no "..": checked here on every Python
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(into, members=members, filter="data")
+            else:  # Python before 3.11.4 (Debian 12's 3.11.2): the checks above are what "data" adds
+                for member in members:  # and the rest of it: no special bits, no foreign owners
+                    member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
+                    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+                tar.extractall(into, members=members)
         roots = list(into.iterdir())
         folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else into
         if not (folder / MANIFEST).is_file():

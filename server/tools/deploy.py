@@ -74,10 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for inst in missing:
             _upload(inst, args.version, Path(args.model_dir), say)
         for i, inst in enumerate(instances, 1):
+            tag = f"[{i}/{len(instances)}]"
             if inst.before == args.version:
-                say(f"[{i}/{len(instances)}] {inst.url}: already serves {args.version}")
+                say(f"{tag} {inst.url}: already serves {args.version}")
                 continue
-            _upgrade(inst, args.version, args.watch_seconds, args.timeout, clip, say, f"[{i}/{len(instances)}]")
+            if _live(inst) == args.version:
+                # instances that share a registry moved together with an earlier one: check, not update
+                say(f"{tag} {inst.url}: moved to {args.version} with the registry it shares; checking it")
+                with inst.client() as c:
+                    _check_serving(c, inst, args.version, args.timeout, clip, say, tag)
+                continue
+            _upgrade(inst, args.version, args.watch_seconds, args.timeout, clip, say, tag)
     except (DeployError, httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
         say(f"FAILED: {exc}")
         _roll_back(instances, args.version, say)
@@ -114,12 +121,22 @@ def _printer() -> Any:
 
 
 def _inspect(inst: Instance, version: str) -> None:
+    data = _versions(inst)
+    inst.before = data["live"]
+    inst.has_version = any(v["name"] == version for v in data["versions"])
+
+
+def _live(inst: Instance) -> str | None:
+    live: str | None = _versions(inst)["live"]
+    return live
+
+
+def _versions(inst: Instance) -> dict[str, Any]:
     with inst.client() as c:
         r = c.get("/admin/model/versions")
         _ok(r, inst, "list versions")
-        data = r.json()
-        inst.before = data["live"]
-        inst.has_version = any(v["name"] == version for v in data["versions"])
+        data: dict[str, Any] = r.json()
+        return data
 
 
 def _upload(inst: Instance, version: str, model_dir: Path, say: Any) -> None:
@@ -148,22 +165,28 @@ def _upgrade(inst: Instance, version: str, watch_s: float, timeout_s: float, cli
         timings = report.get("timings", {})
         say(f"{tag} {inst.url}: swapped in {timings.get('total_s', 0):.2f} s "
             f"(load {timings.get('load_s', 0):.2f} s, smoke {timings.get('smoke_s', 0):.2f} s)")
-        _wait_converged(c, inst, version, timeout_s)
-        say(f"{tag} {inst.url}: every worker serves {version}, ready")
-        audio, expected = clip
-        r = c.post("/api/transcribe", files={"file": ("smoke.wav", audio, "audio/wav")})
-        _ok(r, inst, "smoke transcription")
-        served = r.headers.get("x-model-version")
-        if served != version:
-            raise DeployError(f"{inst.url}: smoke transcription answered by {served!r}, not {version!r}")
-        if expected is not None and r.json().get("text", "").strip().lower() != expected.strip().lower():
-            raise DeployError(f"{inst.url}: smoke transcription gave {r.json().get('text')!r}, expected {expected!r}")
-        say(f"{tag} {inst.url}: smoke transcription ok")
+        _check_serving(c, inst, version, timeout_s, clip, say, tag)
         if watch_s > 0:
             verdict = _wait_watch(c, version, watch_s + 60)
             if verdict["state"] not in ("passed", "inconclusive"):
                 raise DeployError(f"{inst.url}: watch {verdict['state']}: {verdict.get('reason')}")
             say(f"{tag} {inst.url}: watch {verdict['state']} {_watch_numbers(verdict)}")
+
+
+def _check_serving(c: httpx.Client, inst: Instance, version: str, timeout_s: float,
+                   clip: tuple[bytes, str | None], say: Any, tag: str) -> None:
+    """Every worker serves ``version``, the instance is ready, and a transcription proves it."""
+    _wait_converged(c, inst, version, timeout_s)
+    say(f"{tag} {inst.url}: every worker serves {version}, ready")
+    audio, expected = clip
+    r = c.post("/api/transcribe", files={"file": ("smoke.wav", audio, "audio/wav")})
+    _ok(r, inst, "smoke transcription")
+    served = r.headers.get("x-model-version")
+    if served != version:
+        raise DeployError(f"{inst.url}: smoke transcription answered by {served!r}, not {version!r}")
+    if expected is not None and r.json().get("text", "").strip().lower() != expected.strip().lower():
+        raise DeployError(f"{inst.url}: smoke transcription gave {r.json().get('text')!r}, expected {expected!r}")
+    say(f"{tag} {inst.url}: smoke transcription ok")
 
 
 def _wait_converged(c: httpx.Client, inst: Instance, version: str, timeout_s: float) -> None:

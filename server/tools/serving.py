@@ -284,7 +284,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         from server.storage.registry import Registry
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
-        WorkerBoard(Registry(settings.registry)).withdraw(worker.pid)
+        WorkerBoard(Registry(settings.registry)).withdraw_pid(worker.pid)
 
     def on_exit(server: Any) -> None:
         path = os.environ.get(METRICS_DIR_ENV)

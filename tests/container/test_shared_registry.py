@@ -1,8 +1,8 @@
 """One registry volume shared by two containers, as deploy/k8s/ shares one volume among its pods.
 
-Both tests fail today for reasons in server code, named in their markers. The markers are strict:
-when a fix lands the test passes, pytest reports it as a failure (XPASS), and the marker goes.
-Run with ``pytest -m container``.
+Each container has its own PID namespace, where the same small pids repeat, so the workers must
+know each other by more than a pid; and deploy.sh must notice that the first update already moved
+the second instance. Run with ``pytest -m container``.
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ def two_on_one_registry(engine: Engine, image: str, models: Path, label: str,
     return pair
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/lifecycle/board.py knows a worker by its pid alone (workers/<pid>.json, peers, the rollout's "
-    "coordinator_pid, sweep, stale): every container or pod has its own PID namespace, so their gunicorn "
-    "workers get the same small pids and overwrite each other's heartbeats; a follower may take another's "
-    "coordinator for itself or judge it dead (rollout_abandoned), and a worker's 'staged' can stand in for "
-    "its namesake's. Updates then succeed or time out by chance. deploy/k8s/ (pods on one registry) is affected."))
 def test_two_containers_on_one_registry_see_all_four_workers_and_update_together(
     engine: Engine, image: str, shared_models: Path
 ) -> None:
@@ -57,15 +51,10 @@ def test_two_containers_on_one_registry_see_all_four_workers_and_update_together
         engine.remove(*(c.name for c in pair))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/tools/deploy.py reads each instance's live version once, before it starts: on a shared registry "
-    "the first update moves every instance, the second is sent expected_current=<the old version> and "
-    "answers 409, and the deploy rolls everything back"))
 def test_deploy_sh_upgrades_two_containers_that_share_a_registry(
     engine: Engine, image: str, shared_models: Path
 ) -> None:
-    # one PID namespace (the host's) for both, so that the test above does not fail this one first
-    pair = two_on_one_registry(engine, image, shared_models, "hostpid", extra=["--pid=host"])
+    pair = two_on_one_registry(engine, image, shared_models, "deploy")
     try:
         result = subprocess.run([str(ROOT / "deploy.sh"), "--instances", ",".join(c.url for c in pair),
                                  "--version", "b", "--token", TOKEN, "--timeout", "60", "--watch-seconds", "0"],

@@ -1,13 +1,12 @@
 """The two-phase rollout between a coordinator and a follower that share one registry.
 
-Both run in this process: the follower's board speaks for our parent's pid, which is alive, so
-each sees the other as a live peer through the heartbeat files exactly as two workers would.
+Both run in this process, each with its own worker id, so each sees the other as a live peer
+through the heartbeat files exactly as two workers would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ def pair(registry: Registry, make_settings: Callable[..., Settings]) -> Iterator
     settings = make_settings(fault_injection=True, rollout_timeout_s=20)
     coordinator = ModelLifecycle(registry, settings, Metrics())
     follower = ModelLifecycle(registry, settings, Metrics())
-    follower.board.pid = os.getppid()
     for lifecycle in (coordinator, follower):
         lifecycle.load_current()
         lifecycle.publish()
