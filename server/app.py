@@ -26,7 +26,7 @@ from server.service.jobs import JobRunner
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage import seed
-from server.storage.job_store import JobStore
+from server.storage.jobs_url import open_job_store
 from server.storage.registry import Registry
 
 log = logging.getLogger("voxswap.app")
@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
     service = TranscriptionService(lifecycle, pool, settings, metrics)
     ctx = AppContext(settings, registry, metrics, lifecycle, pool, service)
-    ctx.jobs = JobRunner(JobStore(settings.data_dir), service, pool, lifecycle, settings)
+    jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
+    store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
+    ctx.jobs = JobRunner(store, service, pool, lifecycle, settings)
+    for gauge in (metrics.jobs_pending, metrics.jobs_running):
+        gauge.labels(ctx.jobs.queue_label).set(0)  # the series exists before the first heartbeat
     lifecycle.after_swap = lambda report: background.check_memory_budget(ctx, report)
 
     # public_docs off: /docs and /openapi.json are not mounted (404 as any unknown path); behind the

@@ -97,9 +97,18 @@ class Metrics:
         self.start_time.set(time.time())
         self.jobs_finished = Counter(
             "voxswap_jobs_finished", "Batch jobs that ended, by outcome.", ["outcome"], registry=r)
+        # Every process that uses a queue reports the whole queue's counts, labelled with the queue:
+        # sum(max by (queue) (...)) counts each queue once, whether it is one machine's SQLite file
+        # or a fleet's PostgreSQL database.
         self.jobs_pending = Gauge(
-            "voxswap_jobs_pending", "Batch jobs waiting to run in this process's data dir.",
-            registry=r, multiprocess_mode="livemax")  # workers sharing a data dir see one queue
+            "voxswap_jobs_pending", "Batch jobs waiting in a queue (max by queue, then sum).", ["queue"],
+            registry=r, multiprocess_mode="livemax")
+        self.jobs_running = Gauge(
+            "voxswap_jobs_running", "Batch jobs running from a queue (max by queue, then sum).", ["queue"],
+            registry=r, multiprocess_mode="livemax")
+        self.jobs_claimed = Gauge(
+            "voxswap_jobs_claimed", "Batch jobs this process is running now (sum() across processes and instances).",
+            registry=r, multiprocess_mode="livesum")
         self.webhooks = Counter(
             "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
         # a labelled series exists only from its first increment, and increase() cannot see that

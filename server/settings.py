@@ -9,8 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, IPvAnyNetwork, SecretStr
+from pydantic import AfterValidator, BeforeValidator, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _jobs_url(url: SecretStr | None) -> SecretStr | None:
+    """Only the scheme is checked here, and the error names only it: the URL holds a password."""
+    if url is not None:
+        scheme = url.get_secret_value().partition(":")[0].lower()
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(f"must start with sqlite:/// or postgresql:// (got {scheme[:20]!r})")
+    return url
 
 
 class Settings(BaseSettings):
@@ -79,6 +88,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     """Batch jobs live here: jobs.sqlite3 plus each job's uploaded audio and result. Share it
     between the processes of one host; each job is claimed by exactly one of them."""
+
+    jobs_url: Annotated[SecretStr | None, AfterValidator(_jobs_url)] = None
+    """Where the job queue lives: unset (SQLite in ``data_dir``, one machine), ``sqlite:///dir``, or
+    ``postgresql://user:pass@host/db`` for a fleet sharing one queue (a secret: never shown)."""
+
+    jobs_blob_limit_bytes: int = Field(64 * 1024**2, ge=1024, le=1024**3)
+    """With PostgreSQL, each job's audio is kept in the database up to this size (bytea; larger
+    recordings get 413). SQLite keeps audio as files, bounded by ``max_upload_bytes`` only."""
 
     job_workers: int = Field(1, ge=0, le=64)
     """Batch jobs one process runs at once (0: this process only accepts and serves jobs)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import zipfile
 from collections.abc import Callable
@@ -139,7 +140,8 @@ def test_pagination_filter_cancel_and_delete(jobs_app: Callable[..., TestClient]
         assert c.get(f"/api/jobs/{ids[0]}").status_code == 404
         assert not (data_dir / "jobs" / ids[0]).exists()
         assert c.get("/api/jobs").json()["total"] == 4
-        wait_until(lambda: "voxswap_jobs_pending 4.0" in c.get("/metrics").text, timeout_s=10,
+        pending = re.compile(r'voxswap_jobs_pending\{queue="[^"]+"\} 4.0')
+        wait_until(lambda: pending.search(c.get("/metrics").text), timeout_s=10,
                    message="the heartbeat to count the pending jobs")
         # cancelling is an outcome; deleting a finished job is not another one
         assert 'voxswap_jobs_finished_total{outcome="cancelled"} 1.0' in c.get("/metrics").text

@@ -21,8 +21,8 @@ from server.service.context import AppContext
 from server.service.jobs import JobRunner
 from server.settings import Settings
 from server.speech.formats import cues, to_srt, to_vtt
+from server.storage.job_queue import JobQueue
 from server.storage.job_records import Job, NewJob
-from server.storage.job_store import JobStore
 from server.vocab import AUDIO_SUFFIXES, JobStatus, Language
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -36,11 +36,11 @@ def _runner(ctx: AppContext) -> JobRunner:
     return runner
 
 
-async def _store(ctx: AppContext) -> JobStore:
+async def _store(ctx: AppContext) -> JobQueue:
     return await asyncio.to_thread(_runner(ctx).store.ensure)
 
 
-async def _existing_store(ctx: AppContext) -> JobStore | None:
+async def _existing_store(ctx: AppContext) -> JobQueue | None:
     """Reads never create the data dir: a server nobody sent a job has nothing on disk."""
     store = _runner(ctx).store
     return await asyncio.to_thread(store.ensure) if store.exists() else None
@@ -52,7 +52,7 @@ def _only_key(client: Client) -> str | None:
     return None if client.admin or client.key_id is None else client.key_id
 
 
-async def _job(store: JobStore | None, job_id: str, client: Client) -> Job:
+async def _job(store: JobQueue | None, job_id: str, client: Client) -> Job:
     """The job, or 404 alike for one that does not exist and one another key owns."""
     job = await asyncio.to_thread(store.get, job_id, only_key=_only_key(client)) if store is not None else None
     if job is None:
@@ -65,7 +65,7 @@ def _suffix(name: str) -> str:
     return suffix if suffix in AUDIO_SUFFIXES else ".bin"
 
 
-def _stage(store: JobStore, name: str, fh: IO[bytes], limit: int,
+def _stage(store: JobQueue, name: str, fh: IO[bytes], limit: int,
            plan: ZipPlan | None) -> tuple[list[NewJob], list[str]]:
     """One upload as staged jobs: itself, or the recordings its zip's plan names. Blocking."""
     if plan is None:

@@ -200,6 +200,8 @@ class Worker(Closed):
     draining: bool
     staged: StagedVersion | None
     stats: dict[str, RecentRequests] = Field(description="Per version name")
+    id: str = Field(description="Unique per process across hosts and containers (pids repeat there)")
+    pid_ns: str = Field(description="The PID namespace the pid belongs to")
 
 
 class Rollout(Closed):
@@ -213,6 +215,9 @@ class Rollout(Closed):
     started_at: float
     deadline: float
     reason: str
+    coordinator_id: str = Field(description="The coordinating worker's id (see Worker.id)")
+    coordinator_host: str
+    coordinator_ns: str
 
 
 class WatchWindow(Closed):
@@ -241,6 +246,13 @@ class Watch(Closed):
     old: WatchWindow | NoSamples
 
 
+class JobQueueStatus(Closed):
+    store: str = Field(description="Where the job queue lives: sqlite://<path> or postgresql://user:***@host/db")
+    pending: int | None = Field(description="Jobs waiting in the whole queue (the same from every instance)")
+    running: int | None = Field(description="Jobs running anywhere on the queue")
+    claimed: int | None = Field(description="Jobs this process is running")
+
+
 class SystemStatus(Closed):
     ready: bool
     reason: str
@@ -267,6 +279,7 @@ class SystemStatus(Closed):
     workers: list[Worker]
     rollout: Rollout | None
     watch: Watch | None
+    jobs: JobQueueStatus | None = Field(None, description="This process's job queue; counts are null until first read")
 
 
 # -- admin ----------------------------------------------------------------------------------------

@@ -205,4 +205,5 @@ async def status(ctx: CtxDep, request: Request) -> dict[str, Any]:
         "workers": [w.to_json() for w in ctx.lifecycle.board.workers()],
         "rollout": rollout.to_json() if (rollout := ctx.lifecycle.board.rollout()) else None,
         "watch": ctx.lifecycle.watch.current(),
+        "jobs": None if ctx.jobs is None else {"store": ctx.jobs.store.describe(), **ctx.jobs.queue_counts()},
     }

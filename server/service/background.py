@@ -42,12 +42,15 @@ async def follow_registry(ctx: AppContext) -> None:
 async def heartbeat(ctx: AppContext) -> None:
     """Publish this process's heartbeat and refresh its memory gauge; sweep dead workers' files."""
     beats = 0
+    counting: asyncio.Task[None] | None = None
     while True:
         try:
             ctx.metrics.refresh_process()
             await asyncio.to_thread(ctx.lifecycle.publish)
-            if ctx.jobs is not None and ctx.jobs.store.exists():
-                ctx.metrics.jobs_pending.set(await asyncio.to_thread(ctx.jobs.store.pending))
+            # apart from the beat, one at a time: a job database that is slow or restarting must
+            # neither delay the heartbeat nor pile up threads
+            if ctx.jobs is not None and ctx.jobs.store.exists() and (counting is None or counting.done()):
+                counting = asyncio.create_task(_count_jobs(ctx), name="voxswap-job-gauges")
             if beats % 10 == 0:
                 await asyncio.to_thread(ctx.lifecycle.board.sweep)
         except Exception:
@@ -58,6 +61,19 @@ async def heartbeat(ctx: AppContext) -> None:
             await asyncio.to_thread(try_recycle, ctx)
         beats += 1
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+async def _count_jobs(ctx: AppContext) -> None:
+    assert ctx.jobs is not None
+    try:
+        counts = await asyncio.to_thread(ctx.jobs.store.counts, ctx.jobs.owner)
+    except Exception:  # the gauges keep their last values; the job workers log the outage
+        return
+    ctx.jobs.counts = counts
+    queue = ctx.jobs.queue_label
+    ctx.metrics.jobs_pending.labels(queue).set(counts.pending)  # the whole queue's, labelled with it
+    ctx.metrics.jobs_running.labels(queue).set(counts.running)
+    ctx.metrics.jobs_claimed.set(counts.claimed)  # this process's: sum() it
 
 
 def check_memory_budget(ctx: AppContext, report: SwapReport) -> None:

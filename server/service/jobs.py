@@ -17,7 +17,6 @@ import re
 import socket
 import time
 import uuid
-from typing import IO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,8 +27,8 @@ from server.service.inference import InferencePool
 from server.service.transcription import Transcription, TranscriptionService
 from server.service.webhooks import WebhookSender
 from server.settings import Settings
+from server.storage.job_queue import JobQueue, QueueCounts
 from server.storage.job_records import Job
-from server.storage.job_store import JobStore
 
 log = logging.getLogger("voxswap.jobs")
 
@@ -45,7 +44,7 @@ class JobCancelled(Exception):
 class JobRunner:
     """This process's job workers: claim, transcribe through the shared pool, record, notify."""
 
-    def __init__(self, store: JobStore, service: TranscriptionService, pool: InferencePool, lifecycle: ModelLifecycle,
+    def __init__(self, store: JobQueue, service: TranscriptionService, pool: InferencePool, lifecycle: ModelLifecycle,
                  settings: Settings):
         self.store = store
         self.service = service
@@ -57,10 +56,14 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.webhooks = WebhookSender(store, settings, service.metrics)
-        self._lock_fh: IO[bytes] | None = None
+        self._lock_fh: object | None = None  # the owner lock's handle (a flock'd file, a PG session)
         self._last_recover = 0.0
         self._last_sweep = 0.0
         self._recover_lock = asyncio.Lock()
+        self.counts: QueueCounts | None = None  # refreshed by the heartbeat (background.py)
+        # the queue's name in metrics: a SQLite path means a queue only on its own machine
+        where = store.describe()
+        self.queue_label = f"{socket.gethostname()}:{where}" if where.startswith("sqlite:") else where
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -83,6 +86,12 @@ class JobRunner:
                 log.info("running jobs put back to pending", extra={"event": "jobs_released", "count": released})
             self.store.drop_owner_lock(self.owner, self._lock_fh)
             self._lock_fh = None
+
+    def queue_counts(self) -> dict[str, int | None]:
+        """The queue's counts as the heartbeat last read them (None before the first read)."""
+        c = self.counts
+        return {"pending": c.pending if c else None, "running": c.running if c else None,
+                "claimed": c.claimed if c else None}
 
     def wake(self) -> None:
         """A job was submitted here: look now instead of at the next poll."""
@@ -126,13 +135,27 @@ class JobRunner:
     async def _housekeeping(self) -> None:
         async with self._recover_lock:
             now = time.monotonic()
+            if (self._lock_fh is not None and now - self._last_recover >= RECOVER_EVERY_S
+                    and not await asyncio.to_thread(self.store.owner_lock_held, self._lock_fh)):
+                # the database restarted and took our lock along: peers may already have requeued
+                # our running jobs, whose completion then fails as it should; go on as a new owner
+                log.warning("owner lock lost; taking a new one", extra={"event": "jobs_owner_lost"})
+                self.store.drop_owner_lock(self.owner, self._lock_fh)
+                self._lock_fh = None
             if self._lock_fh is None:
                 await asyncio.to_thread(self.store.ensure)
                 host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40]
                 self.owner = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                # on the loop, not in a thread: a cancellation while a thread opened it would lose
-                # the handle (and the lock) with nobody to close it; a non-blocking flock is quick
-                self._lock_fh = self.store.hold_owner_lock(self.owner)
+                # in a thread (PostgreSQL connects), shielded: a cancellation meanwhile must not lose
+                # the handle, and the lock with it, with nobody to close it
+                owner = self.owner
+                take = asyncio.ensure_future(asyncio.to_thread(self.store.hold_owner_lock, owner))
+                try:
+                    self._lock_fh = await asyncio.shield(take)
+                except asyncio.CancelledError:  # the thread goes on: its lock is dropped when it is done
+                    take.add_done_callback(lambda t: None if t.cancelled() or t.exception() is not None
+                                           else self.store.drop_owner_lock(owner, t.result()))
+                    raise
             if now - self._last_recover >= RECOVER_EVERY_S:
                 self._last_recover = now
                 requeued, adopted = await asyncio.to_thread(

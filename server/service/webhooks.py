@@ -43,8 +43,8 @@ import httpx
 from server.errors import InvalidRequest
 from server.metrics import Metrics
 from server.settings import Settings
+from server.storage.job_queue import JobQueue
 from server.storage.job_records import Job
-from server.storage.job_store import JobStore
 
 log = logging.getLogger("voxswap.webhooks")
 
@@ -233,7 +233,7 @@ class WebhookSender:
     their own authority's context).
     """
 
-    def __init__(self, store: JobStore, settings: Settings, metrics: Metrics, *,
+    def __init__(self, store: JobQueue, settings: Settings, metrics: Metrics, *,
                  verify: ssl.SSLContext | bool = True):
         self.store = store
         self.settings = settings

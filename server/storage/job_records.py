@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from server.vocab import FINISHED_JOB_STATUSES
 
+log = logging.getLogger("voxswap.jobs")
 FINISHED = FINISHED_JOB_STATUSES
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -84,7 +87,8 @@ class Job:
     owner_key: str | None = None  # the client API key that submitted it (None: no keys configured)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> Job:
+        """From an SQLite row or a PostgreSQL one (a dict); ``seq`` is only the queue's order."""
         data = {k: row[k] for k in row.keys() if k != "seq"}  # noqa: SIM118 (a Row is no mapping)
         data["use_itn"] = bool(data["use_itn"])
         return cls(**data)
@@ -140,3 +144,20 @@ class NewJob:
     filename: str
     input_name: str
     size_bytes: int
+
+
+def migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older release up to the schema: the missing columns are added
+    under the write lock (processes starting together add each once), then their indexes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                log.info("jobs table upgraded", extra={"event": "jobs_migrated", "column": column})
+        db.execute(ADDED_INDEXES)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

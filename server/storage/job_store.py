@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import shutil
@@ -36,7 +37,8 @@ from typing import IO, Any
 from server.errors import Overloaded, PayloadTooLarge, TooManyPendingJobs
 from server.storage import job_disk
 from server.storage.files import remove_orphaned_tmp, write_text_atomic
-from server.storage.job_records import ADDED_COLUMNS, ADDED_INDEXES, FINISHED, ID_RE, SCHEMA, Job, JobResult, NewJob
+from server.storage.job_queue import QueueCounts
+from server.storage.job_records import FINISHED, ID_RE, SCHEMA, Job, JobResult, NewJob, migrate_sqlite
 
 log = logging.getLogger("voxswap.jobs")
 STRAY_DIR_AGE_S = 3600.0  # a job folder with no row (a crash mid-submission) is removed after this
@@ -55,6 +57,12 @@ class JobStore:
     def exists(self) -> bool:
         return self.db_path.exists()
 
+    def close(self) -> None:
+        """Nothing to close: every call opens and closes its own connection."""
+
+    def describe(self) -> str:
+        return f"sqlite://{self.root.resolve()}"  # as VOXSWAP_JOBS_URL names it: the folder
+
     def ensure(self) -> JobStore:
         """Create the folders and schema; nothing is written to disk before the first use."""
         if self._ready:
@@ -64,7 +72,7 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
-            _migrate(db)
+            migrate_sqlite(db)
             db.executescript(job_disk.SCHEMA)
         self._ready = True
         return self
@@ -172,6 +180,12 @@ class JobStore:
     def pending(self) -> int:
         with self._connect() as db:
             return _count_pending(db)
+
+    def counts(self, owner: str) -> QueueCounts:
+        with self._connect() as db:
+            row = db.execute("SELECT COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'running'), 0), "
+                             "COALESCE(SUM(status = 'running' AND owner = ?), 0) FROM jobs", (owner,)).fetchone()
+        return QueueCounts(int(row[0]), int(row[1]), int(row[2]))
 
     def page(self, *, status: str | None, limit: int, offset: int,
              only_key: str | None = None) -> tuple[list[Job], int]:
@@ -300,9 +314,13 @@ class JobStore:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fh
 
-    def drop_owner_lock(self, owner: str, fh: IO[bytes]) -> None:
+    def owner_lock_held(self, handle: object) -> bool:
+        return True  # a flock lasts as long as the process that holds it
+
+    def drop_owner_lock(self, owner: str, handle: object) -> None:
         (self.owners_dir / f"{owner}.lock").unlink(missing_ok=True)
-        fh.close()
+        if isinstance(handle, io.IOBase):
+            handle.close()
 
     def _owner_is_dead(self, owner: str) -> bool:
         path = self.owners_dir / f"{owner}.lock"
@@ -373,23 +391,6 @@ class JobStore:
 
 def _visible(row: sqlite3.Row, only_key: str | None) -> bool:
     return only_key is None or row["owner_key"] == only_key
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring a database made by an older release up to the schema: the missing columns are added
-    under the write lock (processes starting together add each once), then their indexes."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in have:
-                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-                log.info("jobs table upgraded", extra={"event": "jobs_migrated", "column": column})
-        db.execute(ADDED_INDEXES)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _count_pending(db: sqlite3.Connection) -> int:

@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level")
     serve.add_argument("--log-file", type=Path, help="also write logs here, rotated")
     serve.add_argument("--no-seed-demo", action="store_true", help="do not seed an empty registry")
+    serve.add_argument("--jobs-url", help="job queue: sqlite:///dir or postgresql://... (env VOXSWAP_JOBS_URL)")
     serve.set_defaults(func=_serve)
 
     tr = sub.add_parser("transcribe", help="transcribe files or folders through a running server")
@@ -126,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("out", type=Path)
     exp.set_defaults(func=_registry_export)
+    jobs = sub.add_parser("jobs", help="manage the batch-job queue")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    mig = jsub.add_parser("migrate", help="copy every job of an SQLite store into a PostgreSQL one")
+    mig.add_argument("--from", dest="source", required=True, help="sqlite:///path/to/data_dir")
+    mig.add_argument("--to", dest="dest", required=True, help="postgresql://user:pass@host/db")
+    mig.set_defaults(func=_jobs_migrate)
     return parser
 
 
@@ -158,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers, admin_token=args.admin_token,
         device=args.device, log_format=args.log_format, log_level=args.log_level, log_file=args.log_file,
-        seed_demo=False if args.no_seed_demo else None,
+        seed_demo=False if args.no_seed_demo else None, jobs_url=args.jobs_url,
     )
     configure_logging(settings.log_level, settings.log_format, settings.log_file,
                       max_mb=settings.log_max_mb, backups=settings.log_backups)
@@ -283,6 +290,16 @@ def _registry_history(args: argparse.Namespace) -> int:
 def _registry_export(args: argparse.Namespace) -> int:
     out = _registry(args).export_archive(args.name, args.out)
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
+    return 0
+
+
+def _jobs_migrate(args: argparse.Namespace) -> int:
+    """Stop the old instance first: a job it runs meanwhile would be copied as pending and run twice."""
+    from server.storage.job_transfer import move_jobs
+
+    moved = move_jobs(args.source, args.dest, spool_dir=_settings(args).data_dir / "spool")
+    print(f"copied {moved.copied} jobs ({moved.requeued} were running: now pending); "
+          f"{moved.skipped} were already there")
     return 0
 
 

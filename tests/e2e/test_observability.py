@@ -183,7 +183,7 @@ def test_a_fresh_server_exports_every_swap_outcome_phase_and_rejection_reason(cl
         assert f'voxswap_jobs_finished_total{{outcome="{outcome}"}} 0.0' in text
     for outcome in ("delivered", "failed"):
         assert f'voxswap_job_webhooks_total{{outcome="{outcome}"}} 0.0' in text
-    assert "voxswap_jobs_pending 0.0" in text
+    assert re.search(r"voxswap_jobs_pending\{queue=\"[^\"]+\"\} 0.0", text)
 
 
 # -- against a real Prometheus -------------------------------------------------------------------
