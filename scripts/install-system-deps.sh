@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives for real: nginx, Prometheus (promtool), Chromium,
 # espeak-ng and sox for speech fixtures, ffmpeg for format fixtures, PostgreSQL for the shared job
-# queue, kubectl to render the Kubernetes kustomizations. Installs only what is missing.
+# queue. Installs only what is missing.
 set -euo pipefail
 want=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || want+=(nginx)
@@ -11,7 +11,6 @@ command -v espeak-ng >/dev/null 2>&1 || want+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || want+=(sox)
 command -v ffmpeg >/dev/null 2>&1 || want+=(ffmpeg)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
-command -v kubectl >/dev/null 2>&1 || want+=(kubectl)
 if [ ${#want[@]} -eq 0 ]; then
   exit 0
 fi
