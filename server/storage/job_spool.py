@@ -1,7 +1,8 @@
-"""Uploads on their way into the PostgreSQL job store: written to a local folder while they arrive
+"""Uploads on their way into a job store: written to a local folder while they arrive
 (checked against the size limit as they stream, never held whole in memory while a client is slow),
-then inserted with their rows and removed. A crash mid-submission leaves a folder that
-:func:`sweep` removes once it is older than ``SPOOL_AGE_S``.
+then (PostgreSQL) inserted with their rows and removed, or (SQLite) kept as the job's folder. A
+crash mid-submission leaves a folder that :func:`sweep` removes once it is older than
+``SPOOL_AGE_S``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def folder(root: Path, job_id: str) -> Path:
 
 
 def write(root: Path, filename: str, source: IO[bytes], suffix: str, *, limit: int) -> NewJob:
-    """Copy one upload into a new spool folder; 413 past ``limit`` bytes."""
+    """Copy one upload into a new folder under ``root``; 413 past ``limit`` bytes."""
     job_id = uuid.uuid4().hex
     into = folder(root, job_id)
     into.mkdir(parents=True)

@@ -28,14 +28,13 @@ import logging
 import shutil
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from server.errors import Overloaded, PayloadTooLarge, TooManyPendingJobs
-from server.storage import job_disk
+from server.errors import Overloaded, TooManyPendingJobs
+from server.storage import job_disk, job_spool
 from server.storage.files import remove_orphaned_tmp, write_text_atomic
 from server.storage.job_queue import QueueCounts
 from server.storage.job_records import FINISHED, ID_RE, SCHEMA, Job, JobResult, NewJob, migrate_sqlite
@@ -109,22 +108,7 @@ class JobStore:
 
     def stage(self, filename: str, source: IO[bytes], suffix: str, *, limit: int) -> NewJob:
         """Copy one upload into a new job folder; 413 past ``limit`` bytes."""
-        job_id = uuid.uuid4().hex
-        folder = self.job_dir(job_id)
-        folder.mkdir(parents=True)
-        input_name = f"input{suffix}"
-        size = 0
-        try:
-            with (folder / input_name).open("wb") as out:
-                while chunk := source.read(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"{filename!r} is larger than {limit} bytes", param="files")
-                    out.write(chunk)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return NewJob(job_id, filename, input_name, size)
+        return job_spool.write(self.jobs_dir, filename, source, suffix, limit=limit)
 
     def discard(self, staged: list[NewJob]) -> None:
         for new in staged:
