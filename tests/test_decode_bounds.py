@@ -21,7 +21,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-from server.errors import AudioTooLong
+from server.errors import AudioTooLong, UnsupportedAudio
 from server.speech import audio
 from server.storage.registry import Registry
 from server.testing import synth
@@ -149,3 +149,15 @@ def test_a_tone_keeps_its_pitch_and_level_and_nothing_above_8_khz_folds_back(rat
         spectrum = np.abs(np.fft.rfft(middle[:16_000] * np.hanning(16_000)))
         assert int(np.argmax(spectrum)) == 440  # 1 Hz per bin: 16,000 samples at 16 kHz
         assert level_db == pytest.approx(expected_db, abs=0.2)  # a 0.5 sine is -9 dBFS RMS
+
+
+def test_an_upload_cannot_make_ffmpeg_read_a_file_of_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FFmpeg's concat demuxer reads a playlist of paths: as an upload it would transcribe files on
+    the server's own disk. Only audio containers are probed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "secret.wav").write_bytes(synth.wav_bytes(synth.speech_like(1.0, seed=9)))
+    with pytest.raises(UnsupportedAudio, match="not audio this server can decode"):
+        audio.decode(b"ffconcat version 1.0\nfile sub/secret.wav\n", max_seconds=60)

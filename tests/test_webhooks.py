@@ -74,6 +74,7 @@ INTERNAL = [  # (webhook URL, the kind of address the 400 names)
     ("http://[fc00::1]/", "private"),
     ("http://[fd12:3456::1]/", "private"),
     ("http://[fe80::1]/", "link-local"),
+    ("http://[fec0::1]/", "site-local"),  # deprecated, and Python still calls it global
     ("http://0.0.0.0:8080/", "unspecified"),
     ("http://[::]/", "unspecified"),
     ("http://224.0.0.1/", "multicast"),
@@ -127,6 +128,8 @@ def test_a_signed_delivery_verifies_and_a_tampered_one_does_not(app: Callable[..
     assert not verify_signature("another-secret-entirely", signature, got.body)
     stale = sign(SECRET, got.body, int(time.time()) - 3600)  # a capture replayed an hour later
     assert not verify_signature(SECRET, stale, got.body)
+    for hostile in ("t=1" + "0" * 400 + ",v1=ab", "t=" + "9" * 5000 + ",v1=ab", "v1=ab", "t=x,v1=ab"):
+        assert not verify_signature(SECRET, hostile, got.body)  # refused, never an exception
     assert got.headers["Idempotency-Key"] == f"{job['id']}:job.completed"
     assert got.headers["Host"] == f"127.0.0.1:{hook.port}"
     assert b'"event":"job.completed"' in got.body

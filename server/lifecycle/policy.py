@@ -157,7 +157,7 @@ class ModelLifecycle:
                 if actual != expected_current:
                     raise UnexpectedCurrent(f"{what} version is {actual!r}, not {expected_current!r}; nothing changed")
             with self._swapping(SwapReport(version=version, from_version=live_before, event=event),
-                                actor) as report:
+                                actor, announce=False) as report:
                 if commit_registry:
                     self._roll_out(report, actor, committed)
                 else:
@@ -165,6 +165,8 @@ class ModelLifecycle:
         seconds = self.settings.watch_seconds if watch_seconds is None else watch_seconds
         if commit_registry and seconds > 0 and live_before and live_before != version:
             report.watch = self.watch.start(version, live_before, seconds).to_json()
+        # only now: a listener that recycles this worker must already see the watch running
+        self.after_swap(report)
         return report
 
     def roll_back_to(self, version: str, *, from_version: str) -> None:
@@ -189,8 +191,9 @@ class ModelLifecycle:
             report.converged = rollout.await_peers_serving(self.live_version)
 
     @contextmanager
-    def _swapping(self, report: SwapReport, actor: str) -> Iterator[SwapReport]:
-        """The bookkeeping of every swap: state, metrics, log, and history when it is refused."""
+    def _swapping(self, report: SwapReport, actor: str, *, announce: bool = True) -> Iterator[SwapReport]:
+        """The bookkeeping of every swap: state, metrics, log, and history when it is refused;
+        ``after_swap`` is told of a success unless the caller (``swap_to``) tells it later."""
         previous_state = self._state
         self._state = ModelState.SWAPPING if self.live else ModelState.LOADING
         log.info("swap started", extra={"event": "swap_start", "version": report.version,
@@ -223,7 +226,8 @@ class ModelLifecycle:
         self.metrics.swaps.labels("rolled_back" if report.event in ("rollback", "auto_rollback") else "success").inc()
         log.info("swap finished", extra={"event": "swap_done", "version": report.version,
                                          "from_version": report.from_version, **report.log_fields()})
-        self.after_swap(report)
+        if announce:
+            self.after_swap(report)
 
     def _go_live(self, candidate: LoadedModel, report: SwapReport) -> None:
         """Flip to ``candidate``, then drain, free and measure the version it replaced."""

@@ -143,14 +143,21 @@ def _directory(name: str, fh: IO[bytes]) -> tuple[int, int]:
         if at < 0 or len(tail) - at < _END.size:
             raise ValueError("no end record")
         _, _, _, _, entries, directory_bytes, _, _ = _END.unpack_from(tail, at)
-        if entries == 0xFFFF or directory_bytes == 0xFFFFFFFF:  # zip64: the real numbers are elsewhere
-            fh.seek(start + at - _END64_LOCATOR.size)
+        # a zip64 locator before the end record is what zipfile reads, whatever the plain record
+        # says: judge by its numbers too, or a small plain record hides a huge directory
+        locator_at = start + at - _END64_LOCATOR.size
+        if locator_at >= 0:
+            fh.seek(locator_at)
             signature, _, offset, _ = _END64_LOCATOR.unpack(fh.read(_END64_LOCATOR.size))
-            fh.seek(offset)
-            record = fh.read(_END64.size)
-            if signature != b"PK\x06\x07" or record[:4] != b"PK\x06\x06":
-                raise ValueError("no zip64 end record")
-            entries, directory_bytes = _END64.unpack(record)[7:9]
+            if signature == b"PK\x06\x07":
+                fh.seek(offset)
+                record = fh.read(_END64.size)
+                if record[:4] != b"PK\x06\x06":
+                    raise ValueError("no zip64 end record")
+                entries64, directory_bytes64 = _END64.unpack(record)[7:9]
+                entries, directory_bytes = max(entries, entries64), max(directory_bytes, directory_bytes64)
+        elif entries == 0xFFFF or directory_bytes == 0xFFFFFFFF:
+            raise ValueError("a zip64 record without its locator")
     except (ValueError, OSError, struct.error) as exc:
         raise InvalidRequest(f"{name!r} is not a readable zip file", param="files") from exc
     finally:

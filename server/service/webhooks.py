@@ -93,24 +93,24 @@ def refusal(ip: Address, allow: Sequence[Network]) -> str | None:
     """The kind of address ``ip`` is when a webhook may not go there (for the 400), else None.
 
     An IPv6 address carrying an IPv4 one (mapped ``::ffff:a.b.c.d``, 6to4, Teredo, NAT64, the old
-    compatible form) is judged by both, since the packets end up at the IPv4 address.
+    compatible form) is judged by the IPv4 addresses it carries, each of which must be allowed or
+    public, since the packets end up there (Teredo carries two).
     """
     candidates: list[Address] = []  # the IPv4 inside first: it names the kind best
     if isinstance(ip, ipaddress.IPv6Address):
         candidates += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a is not None]
         if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # not :: and ::1 themselves
             candidates.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    candidates.append(ip)
-    if any(a in net for a in candidates for net in allow):
-        return None
-    for a in candidates:
-        if kind := _internal_kind(a):
+    candidates = candidates or [ip]  # a carrier of IPv4 addresses is judged by them, every one
+    for a in candidates:  # every address the packets may reach must be allowed or public
+        if (kind := _internal_kind(a)) and not any(a in net for net in allow):
             return kind
     return None
 
 
 def _internal_kind(a: Address) -> str | None:
     checks = (("unspecified", a.is_unspecified), ("loopback", a.is_loopback), ("link-local", a.is_link_local),
+              ("site-local", isinstance(a, ipaddress.IPv6Address) and a.is_site_local),  # fec0::/10, deprecated
               ("multicast", a.is_multicast), ("reserved", a.is_reserved), ("private", a.is_private),
               ("non-public", not a.is_global))  # e.g. 100.64.0.0/10, shared by carriers
     return next((kind for kind, hit in checks if hit), None)
@@ -186,7 +186,8 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance_s: float =
     fields = [part.partition("=") for part in header.split(",")]
     stamps = [value.strip() for key, _, value in fields if key.strip() == "t"]
     signatures = [value.strip().encode() for key, _, value in fields if key.strip() == "v1"]
-    if len(stamps) != 1 or not (stamps[0].isascii() and stamps[0].isdigit()) or not signatures:
+    if len(stamps) != 1 or not (stamps[0].isascii() and stamps[0].isdigit() and len(stamps[0]) <= 12) \
+            or not signatures:
         return False
     if abs(time.time() - int(stamps[0])) > tolerance_s:
         return False

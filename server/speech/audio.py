@@ -32,6 +32,10 @@ UNKNOWN_LENGTH = 2**62  # libsndfile reports SF_COUNT_MAX frames when a header d
 MIN_RATE, MAX_RATE = 1_000, 768_000
 BLOCK_SAMPLES = 1 << 16  # source samples (all channels together) read at once: 256 kB of float32
 
+# The containers FFmpeg may read an upload as (its demuxer names; one name of a multi-name demuxer
+# such as "mov,mp4,m4a,..." admits it). Probing unrestricted would also admit demuxers that open
+# other files, e.g. "concat" reading a playlist of paths on the server's own disk.
+AV_FORMATS = "wav,w64,flac,ogg,mp3,mov,matroska,aac,aiff,caf,au,amr"
 
 @dataclass(frozen=True)
 class DecodedAudio:
@@ -155,7 +159,7 @@ def _decode_av(data: bytes, max_seconds: float) -> DecodedAudio:
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data), mode="r", options={"format_whitelist": AV_FORMATS}) as container:
             stream = container.streams.audio[0] if container.streams.audio else None
             if stream is None:
                 raise UnsupportedAudio("the file has no audio stream", param="file")
