@@ -41,11 +41,11 @@ def test_a_request_pinned_to_a_staged_version_finishes_when_a_newer_rollout_repl
     lifecycle.load_current()
     try:
         _announce(lifecycle.board, "r1", "b")
-        lifecycle.follow_rollout()
+        lifecycle.rollouts.follow()
         assert lifecycle.loaded_versions() == ["a", "b"]
         with lifecycle.lease("b") as pinned:  # a long request pinned with X-Model-Version: b
             _announce(lifecycle.board, "r2", "c")  # b's rollout was abandoned, c's begins
-            lifecycle.follow_rollout()
+            lifecycle.rollouts.follow()
             assert lifecycle.loaded_versions() == ["a", "c"]
             raw = pinned.engine.transcribe(synth.speech_like(1.5, seed=1))
             assert raw.endswith(TEXT_B)  # its next batch still runs on b

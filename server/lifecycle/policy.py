@@ -344,28 +344,22 @@ class ModelLifecycle:
                            "reason": exc.message})
         return True
 
-    def follow_rollout(self) -> None:
-        """As a peer: stage the rollout another worker coordinates, or drop a candidate it aborted."""
-        self.rollouts.follow()
-
     def convergence_problem(self) -> str | None:
         """Why this instance is not ready although it serves: a worker stuck on another version."""
         return self.board.convergence_problem(grace_s=self.settings.convergence_grace_s)
 
     # -- heartbeat --------------------------------------------------------------------------
 
-    def heartbeat(self) -> WorkerInfo:
-        return WorkerInfo(pid=self.board.pid, host=self.board.host, version=self.live_version,
-                          state=self._state.value, in_flight=self.in_flight(), rss_bytes=resident_bytes(),
-                          started_at=self._started_at, draining=self.draining, staged=self.rollouts.staged,
-                          stats=self.stats.summary())
+    def publish(self) -> None:
+        """This process's heartbeat on the board: what it serves, how busy it is, what it staged."""
+        self.board.publish(WorkerInfo(
+            pid=self.board.pid, host=self.board.host, version=self.live_version, state=self._state.value,
+            in_flight=self.in_flight(), rss_bytes=resident_bytes(), started_at=self._started_at,
+            draining=self.draining, staged=self.rollouts.staged, stats=self.stats.summary()))
 
     def stats_of_all_workers(self) -> list[dict[str, dict[str, Any]]]:
         """Recent per-version request outcomes of this process and every live peer."""
         return [self.stats.summary()] + [w.stats for w in self.board.peers()]
-
-    def publish(self) -> None:
-        self.board.publish(self.heartbeat())
 
     # -- load and unload --------------------------------------------------------------------
 

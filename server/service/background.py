@@ -33,7 +33,7 @@ async def follow_registry(ctx: AppContext) -> None:
                 last = signature
                 pending = not await asyncio.to_thread(ctx.lifecycle.follow_registry)
             if ctx.lifecycle.board.rollout_path.exists() or ctx.lifecycle.has_candidate:
-                await asyncio.to_thread(ctx.lifecycle.follow_rollout)
+                await asyncio.to_thread(ctx.lifecycle.rollouts.follow)
         except Exception:  # the watcher must survive anything one swap does, and try again
             pending = True
             log.exception("following the registry failed", extra={"event": "watch_error"})

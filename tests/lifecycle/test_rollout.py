@@ -38,7 +38,7 @@ def _follow_until(follower: ModelLifecycle, done: threading.Event) -> None:
     """The follower's background ticks: heartbeat, follow rollouts and the registry."""
     while not done.is_set():
         follower.publish()
-        follower.follow_rollout()
+        follower.rollouts.follow()
         follower.follow_registry()
         time.sleep(0.02)
 
