@@ -13,14 +13,5 @@ want=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || want+=("$pkg")
 done
-if [ ${#want[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "missing packages: ${want[*]} (run as root on Debian, or install them yourself)" >&2
-  exit 0
-fi
-echo "installing Debian packages: ${want[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+. "$(dirname "$0")/debian-packages.sh"
+install_missing ${want[@]+"${want[@]}"} || exit 0

@@ -11,17 +11,8 @@ command -v espeak-ng >/dev/null 2>&1 || want+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || want+=(sox)
 command -v ffmpeg >/dev/null 2>&1 || want+=(ffmpeg)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
-if [ ${#want[@]} -eq 0 ]; then
-  exit 0
-fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "missing Debian packages: ${want[*]} (run as root, or install them yourself)" >&2
-  exit 0
-fi
-echo "installing Debian packages: ${want[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+. "$(dirname "$0")/debian-packages.sh"
+install_missing ${want[@]+"${want[@]}"} || exit 0
 # Debian starts services it installs; the tests start their own on loopback ports.
 for svc in nginx prometheus; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
