@@ -20,7 +20,7 @@ from bench.common import Bench, Goal, ModelSet, Section, Table, median, mib, rat
 from server.storage.registry import Registry
 
 IMPORTS = "import server.app, server.engines.sensevoice, funasr_onnx, onnxruntime"
-PHASE_SUM = re.compile(r'^voxswap_swap_phase_duration_seconds_sum\{phase="(\w+)"\} ([0-9.e+-]+)$', re.M)
+PHASE_SUM = re.compile(r'^voxswap_swap_phase_duration_seconds_sum\{model="[^"]*",phase="(\w+)"\} ([0-9.e+-]+)$', re.M)
 
 
 def _ready_time(bench: Bench, registry: Registry, workers: int, large: bool) -> tuple[float, float, dict[str, float]]:

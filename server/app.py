@@ -17,6 +17,7 @@ from server.errors import VoxswapError
 from server.http import admin, jobs, page, transcribe, ui
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
+from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service import background
@@ -26,27 +27,27 @@ from server.service.jobs import JobRunner
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage import seed
+from server.storage.catalog import ModelCatalog
 from server.storage.jobs_url import open_job_store
-from server.storage.registry import Registry
 
 log = logging.getLogger("voxswap.app")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    registry = Registry(settings.registry)
+    catalog = ModelCatalog(settings.registry, default=settings.default_model)
     metrics = Metrics()
-    lifecycle = ModelLifecycle(registry, settings, metrics)
+    models = ModelSet(catalog, settings, metrics)
     pool = InferencePool(workers=settings.inference_workers, max_queue=settings.max_queue,
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
-    service = TranscriptionService(lifecycle, pool, settings, metrics)
-    ctx = AppContext(settings, registry, metrics, lifecycle, pool, service)
+    service = TranscriptionService(models, pool, settings, metrics)
+    ctx = AppContext(settings, catalog, metrics, models, pool, service)
     jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
-    ctx.jobs = JobRunner(store, service, pool, lifecycle, settings)
+    ctx.jobs = JobRunner(store, service, pool, models.default, settings)
     for gauge in (metrics.jobs_pending, metrics.jobs_running):
         gauge.labels(ctx.jobs.queue_label).set(0)  # the series exists before the first heartbeat
-    lifecycle.after_swap = lambda report: background.check_memory_budget(ctx, report)
+    models.after_swap = lambda report: background.check_memory_budget(ctx, report)
 
     # public_docs off: /docs and /openapi.json are not mounted (404 as any unknown path); behind the
     # token they would be no use, as Swagger's page cannot send one for /openapi.json
@@ -65,24 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ctx: AppContext = app.state.ctx
     ctx.registry.ensure()
-    leftovers = await asyncio.to_thread(ctx.registry.clean_leftovers)  # only what no live process owns
-    if leftovers:
-        log.warning("removed what crashed adds, uploads and writes left in the registry",
-                    extra={"event": "staging_cleaned", "leftovers": leftovers})
     if ctx.settings.seed_demo:
         await asyncio.to_thread(seed.seed_if_empty, ctx.registry)
-    try:
-        await asyncio.to_thread(ctx.lifecycle.load_current)
-    except VoxswapError as exc:
-        log.error("no model could be loaded at start; serving 503 until one is promoted",
-                  extra={"event": "startup_load_failed", "reason": exc.message})
+    ctx.models.discover()
+    for lifecycle in ctx.models:
+        await _start_model(lifecycle)
     ctx.tasks.append(asyncio.create_task(background.follow_registry(ctx), name="voxswap-registry-watch"))
     ctx.tasks.append(asyncio.create_task(background.heartbeat(ctx), name="voxswap-heartbeat"))
     if ctx.jobs is not None:
         ctx.jobs.start()
-    live = ctx.lifecycle.live
-    log.info("voxswap ready", extra={"event": "ready", "version": live.version if live else None,
-                                     "registry": str(ctx.registry.root)})
+    log.info("voxswap ready", extra={"event": "ready", "registry": str(ctx.registry.root),
+                                     "models": {m.name: m.live_version for m in ctx.models}})
     try:
         yield
     finally:
@@ -95,7 +89,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(ctx.pool.shutdown)
-        ctx.lifecycle.shutdown()
+        ctx.models.shutdown()
+
+
+async def _start_model(lifecycle: ModelLifecycle) -> None:
+    """Clear what crashes left in the model's registry, then load its current version. One model
+    that cannot load serves 503 for itself only; the others start regardless."""
+    leftovers = await asyncio.to_thread(lifecycle.registry.clean_leftovers)  # only what no live process owns
+    if leftovers:
+        log.warning("removed what crashed adds, uploads and writes left in the registry",
+                    extra={"event": "staging_cleaned", "model": lifecycle.name, "leftovers": leftovers})
+    try:
+        await asyncio.to_thread(lifecycle.load_current)
+    except VoxswapError as exc:
+        log.error("a model could not be loaded at start; it answers 503 until a version is promoted",
+                  extra={"event": "startup_load_failed", "model": lifecycle.name, "reason": exc.message})
 
 
 def _package_version() -> str:

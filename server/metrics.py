@@ -44,18 +44,18 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "voxswap_requests", "HTTP requests by route, status code and model version.",
-            ["route", "status", "version"], registry=r)
+            ["route", "status", "model", "version"], registry=r)
         self.request_duration = Histogram(
             "voxswap_request_duration_seconds", "HTTP request latency, whole request.",
-            ["route", "version"], buckets=LATENCY_BUCKETS, registry=r)
+            ["route", "model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_duration = Histogram(
             "voxswap_inference_duration_seconds", "Time the model spent on one request.",
-            ["version"], buckets=LATENCY_BUCKETS, registry=r)
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter(
-            "voxswap_audio_seconds", "Seconds of audio transcribed.", ["version"], registry=r)
+            "voxswap_audio_seconds", "Seconds of audio transcribed.", ["model", "version"], registry=r)
         self.real_time_factor = Histogram(
             "voxswap_real_time_factor", "Inference seconds per audio second.",
-            ["version"], buckets=RTF_BUCKETS, registry=r)
+            ["model", "version"], buckets=RTF_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "voxswap_requests_in_flight", "Transcription requests being handled now.",
             registry=r, multiprocess_mode="livesum")
@@ -66,31 +66,31 @@ class Metrics:
             "voxswap_rejected_requests", "Requests refused before inference, by reason.",
             ["reason"], registry=r)
         self.model_info = Gauge(
-            "voxswap_model_active", "1 for the version this process serves.",
-            ["version"], registry=r, multiprocess_mode="liveall")
+            "voxswap_model_active", "1 for the version of each model this process serves.",
+            ["model", "version"], registry=r, multiprocess_mode="liveall")
         self.model_loaded = Gauge(
             "voxswap_model_loaded", "1 when a model is loaded and serving.",
-            registry=r, multiprocess_mode="liveall")
+            ["model"], registry=r, multiprocess_mode="liveall")
         self.swaps = Counter(
-            "voxswap_swaps", "Model swaps by outcome.", ["outcome"], registry=r)
+            "voxswap_swaps", "Model swaps by model and outcome.", ["model", "outcome"], registry=r)
         self.swap_phase = Histogram(
             "voxswap_swap_phase_duration_seconds", "Duration of each swap phase.",
-            ["phase"], buckets=PHASE_BUCKETS, registry=r)
+            ["model", "phase"], buckets=PHASE_BUCKETS, registry=r)
         self.model_load = Histogram(
             "voxswap_model_load_duration_seconds", "Time to build a model session.",
-            buckets=PHASE_BUCKETS, registry=r)
+            ["model"], buckets=PHASE_BUCKETS, registry=r)
         self.model_memory = Gauge(
             "voxswap_model_memory_bytes", "Resident memory the live model added when it loaded.",
-            registry=r, multiprocess_mode="liveall")
+            ["model"], registry=r, multiprocess_mode="liveall")
         self.resident_memory = Gauge(
             "voxswap_process_resident_memory_bytes", "Resident memory of this process.",
             registry=r, multiprocess_mode="liveall")
         self.swap_freed = Gauge(
             "voxswap_swap_freed_memory_bytes", "Resident memory given back by the last swap's free.",
-            registry=r, multiprocess_mode="liveall")
+            ["model"], registry=r, multiprocess_mode="liveall")
         self.registry_generation = Gauge(
-            "voxswap_registry_generation", "Generation of the registry state this process has seen.",
-            registry=r, multiprocess_mode="max")
+            "voxswap_registry_generation", "Generation of each model's registry state this process has seen.",
+            ["model"], registry=r, multiprocess_mode="max")
         self.start_time = Gauge(
             "voxswap_process_start_time_seconds", "Start time of this process (unix seconds).",
             registry=r, multiprocess_mode="liveall")
@@ -114,20 +114,14 @@ class Metrics:
         # a labelled series exists only from its first increment, and increase() cannot see that
         # first event: create the known ones at zero so a server's first refused swap is visible
         known: list[tuple[Counter | Histogram, tuple[str, ...]]] = [
-            (self.swaps, SWAP_OUTCOMES), (self.swap_phase, SWAP_PHASES), (self.rejections, REJECTION_REASONS),
-            (self.jobs_finished, JOB_OUTCOMES), (self.webhooks, WEBHOOK_OUTCOMES)]
+            (self.rejections, REJECTION_REASONS), (self.jobs_finished, JOB_OUTCOMES), (self.webhooks, WEBHOOK_OUTCOMES)]
         for metric, values in known:
             for value in values:
                 metric.labels(value)
         self._process = psutil.Process()
 
-    def set_active_version(self, version: str | None, previous: str | None = None) -> None:
-        """Old label set to 0, not removed: multiprocess files keep removed labels' last value."""
-        if previous and previous != version:
-            self.model_info.labels(previous).set(0)
-        if version:
-            self.model_info.labels(version).set(1)
-        self.model_loaded.set(1 if version else 0)
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self, model)
 
     def refresh_process(self) -> int:
         rss = int(self._process.memory_info().rss)
@@ -145,3 +139,50 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         self.refresh_process()
         return generate_latest(self.scraped()), CONTENT_TYPE_LATEST
+
+
+class ModelMetrics:
+    """The series of one named model: what its lifecycle and its answers record, each labelled with
+    the model, so two models' swaps and latencies never mix."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.all = metrics
+        self.model = model
+        # created at zero, so increase() sees a model's first refused swap (see Metrics.__init__)
+        for outcome in SWAP_OUTCOMES:
+            metrics.swaps.labels(model, outcome)
+        for phase in SWAP_PHASES:
+            metrics.swap_phase.labels(model, phase)
+        metrics.model_loaded.labels(model).set(0)
+
+    def swap(self, outcome: str) -> None:
+        self.all.swaps.labels(self.model, outcome).inc()
+
+    def phase(self, phase: str, seconds: float) -> None:
+        self.all.swap_phase.labels(self.model, phase).observe(seconds)
+
+    def load_time(self, seconds: float) -> None:
+        self.all.model_load.labels(self.model).observe(seconds)
+
+    def generation(self, generation: int) -> None:
+        self.all.registry_generation.labels(self.model).set(generation)
+
+    def memory(self, live_bytes: int) -> None:
+        self.all.model_memory.labels(self.model).set(live_bytes)
+
+    def freed(self, freed_bytes: int) -> None:
+        self.all.swap_freed.labels(self.model).set(freed_bytes)
+
+    def active_version(self, version: str | None, previous: str | None = None) -> None:
+        """Old label set to 0, not removed: multiprocess files keep removed labels' last value."""
+        if previous and previous != version:
+            self.all.model_info.labels(self.model, previous).set(0)
+        if version:
+            self.all.model_info.labels(self.model, version).set(1)
+        self.all.model_loaded.labels(self.model).set(1 if version else 0)
+
+    def transcribed(self, version: str, *, inference_s: float, audio_s: float) -> None:
+        self.all.inference_duration.labels(self.model, version).observe(inference_s)
+        self.all.audio_seconds.labels(self.model, version).inc(audio_s)
+        if audio_s > 0:
+            self.all.real_time_factor.labels(self.model, version).observe(inference_s / audio_s)

@@ -28,6 +28,18 @@ class Settings(BaseSettings):
     registry: Path = Path("model_registry")
     """Model registry folder: versions, state.json and history.jsonl live here."""
 
+    default_model: str = Field("sensevoice", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """Name of the model the registry folder itself holds (the single-model layout of earlier
+    releases); other models live under ``models/NAME/``. Requests that name no model, the aliases
+    ``default``/``whisper-1``/``voxswap`` and the ``/admin/model/*`` routes use it."""
+
+    ready_models: Annotated[tuple[str, ...] | None, NoDecode,
+                            BeforeValidator(lambda v: tuple(v.replace(",", " ").split()) if isinstance(v, str) else v)
+                            ] = None
+    """Models that must serve for ``/health/ready`` to answer 200 (comma-separated). Unset: every
+    model that has a current version. A broken auxiliary model then need not take the instance out
+    of its load balancer; ``/health/ready?model=NAME`` asks about one model."""
+
     host: str = "127.0.0.1"
     """Interface to listen on."""
 

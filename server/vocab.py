@@ -30,6 +30,25 @@ LANGUAGE_NAMES: dict[Language, str] = {
 }
 
 
+class ModelKind(StrEnum):
+    """What family a named model is, so which engine loads it; recorded in every version's manifest.
+    A model holds versions of one kind only."""
+
+    SENSEVOICE = "sensevoice"
+
+
+# What a request's ``model`` may say to mean "the default model's live version" (OpenAI clients
+# send ``whisper-1``). Model names never take these spellings, nor an ``@``: ``NAME@VERSION`` is the
+# one spelling of a pinned version.
+MODEL_ALIASES: tuple[str, ...] = ("whisper-1", "voxswap", "default")
+PIN_SEPARATOR = "@"
+
+
+def pinned_name(model: str, version: str) -> str:
+    """``NAME@VERSION``: how answers, events and the history name one version of one model."""
+    return f"{model}{PIN_SEPARATOR}{version}"
+
+
 class JobStatus(StrEnum):
     """Where a batch job is. A job only moves forward, except that one cut short by a restart goes
     back to pending; the three finished statuses are final (and the outcomes of

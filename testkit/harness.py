@@ -64,6 +64,7 @@ class Outcome:
     version: str | None
     text: str | None
     error: str | None = None
+    model: str | None = None  # the X-Model header: the named model that answered
 
     @property
     def latency_s(self) -> float:
@@ -84,6 +85,7 @@ class LoadGenerator:
     path: str = "/api/transcribe"
     pause_s: float = 0.0
     timeout_s: float = 60.0
+    form: dict[str, str] = field(default_factory=dict)  # e.g. {"model": "meeting"}
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -111,7 +113,7 @@ class LoadGenerator:
     def _client(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=self.timeout_s) as client:
             while not self._stop.is_set():
-                self._record(post_clip(client, self.path, self.clip))
+                self._record(post_clip(client, self.path, self.clip, **self.form))
                 if self.pause_s:
                     time.sleep(self.pause_s)
 
@@ -140,4 +142,4 @@ def post_clip(client: httpx.Client, path: str, clip: bytes, **form: str) -> Outc
         body = response.json()
     error = None if response.status_code == 200 else response.text[:300]
     return Outcome(started, finished, response.status_code, response.headers.get("x-model-version"),
-                   body.get("text"), error)
+                   body.get("text"), error, response.headers.get("x-model"))

@@ -62,7 +62,7 @@ def test_update_swaps_and_reports_timings_and_memory(client: TestClient, speech_
     assert (versions["current"], versions["previous"], versions["live"]) == ("b", "a", "b")
     events = [e["event"] for e in client.get("/admin/history", headers=AUTH).json()["events"]]
     assert events[-1] == "promote"
-    assert 'voxswap_swaps_total{outcome="success"}' in client.get("/metrics").text
+    assert 'voxswap_swaps_total{model="sensevoice",outcome="success"}' in client.get("/metrics").text
 
 
 def test_unknown_version_is_404_and_expected_current_guards_updates(client: TestClient) -> None:
@@ -87,7 +87,7 @@ def _refused(client: TestClient, registry: Registry, name: str, outcome: str, wa
     assert state.current == "a"
     last = registry.history()[-1]
     assert (last["event"], last["version"], last["outcome"]) == ("swap_failed", name, outcome)
-    assert f'voxswap_swaps_total{{outcome="{outcome}"}} 1.0' in client.get("/metrics").text
+    assert f'voxswap_swaps_total{{model="sensevoice",outcome="{outcome}"}} 1.0' in client.get("/metrics").text
 
 
 def test_garbage_onnx_with_valid_checksums_fails_to_load_and_never_serves(
@@ -137,7 +137,7 @@ def test_rollback_returns_to_the_previous_version(client: TestClient, speech_wav
     r = client.post("/admin/model/rollback", headers=AUTH)
     assert r.status_code == 200 and r.json()["version"] == "a" and r.json()["event"] == "rollback"
     assert transcribe(client, speech_wav) == (TEXT_A, "a")
-    assert 'voxswap_swaps_total{outcome="rolled_back"} 1.0' in client.get("/metrics").text
+    assert 'voxswap_swaps_total{model="sensevoice",outcome="rolled_back"} 1.0' in client.get("/metrics").text
     versions = client.get("/admin/model/versions", headers=AUTH).json()
     assert (versions["current"], versions["previous"]) == ("a", "b")
 
@@ -151,7 +151,7 @@ def test_unload_frees_the_model_and_load_brings_it_back(client: TestClient, spee
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and r.headers["retry-after"]
     status = client.get("/api/system/status").json()
     assert status["model_loaded"] is False and status["state"] == "not_loaded"
-    assert "voxswap_model_loaded 0.0" in client.get("/metrics").text
+    assert 'voxswap_model_loaded{model="sensevoice"} 0.0' in client.get("/metrics").text
     r = client.post("/admin/model/load", headers=AUTH)
     assert r.status_code == 200 and r.json()["version"] == "a"
     assert client.post("/admin/model/load", headers=AUTH).status_code == 409

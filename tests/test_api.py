@@ -71,7 +71,7 @@ def test_oversized_upload_is_refused_by_content_length_before_reading(make_setti
         assert r.json()["error"]["code"] == "payload_too_large"
         assert "4096" in r.json()["error"]["message"]
         text = c.get("/metrics").text  # refused before routing, still counted under its route
-        assert 'voxswap_requests_total{route="/api/transcribe",status="413",version="none"} 1.0' in text
+        assert 'voxswap_requests_total{model="none",route="/api/transcribe",status="413",version="none"} 1.0' in text
         assert 'voxswap_rejected_requests_total{reason="too_large"} 1.0' in text
 
 
@@ -91,7 +91,10 @@ def test_missing_file_and_bad_language_are_400(client: TestClient, speech_wav: b
 
 
 def test_health_live_and_ready(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "healthy", "model_version": "a", "state": "ready"}
+    assert client.get("/health").json() == {
+        "status": "healthy", "model_version": "a", "state": "ready",
+        "models": {"sensevoice": {"ready": True, "version": "a", "state": "ready", "reason": "serving",
+                                  "required": True}}}
     assert client.get("/health/live").status_code == 200
     assert client.get("/health/ready").status_code == 200
 
@@ -109,12 +112,12 @@ def test_metrics_count_requests_by_route_status_and_version(client: TestClient, 
     client.post("/api/transcribe", files={"file": ("a.wav", speech_wav)})
     client.post("/api/transcribe", files={"file": ("x.wav", b"")})
     text = client.get("/metrics").text
-    assert 'voxswap_requests_total{route="/api/transcribe",status="200",version="a"} 1.0' in text
-    assert 'voxswap_requests_total{route="/api/transcribe",status="400",version="none"} 1.0' in text
-    assert 'voxswap_model_active{version="a"} 1.0' in text
+    assert 'voxswap_requests_total{model="sensevoice",route="/api/transcribe",status="200",version="a"} 1.0' in text
+    assert 'voxswap_requests_total{model="none",route="/api/transcribe",status="400",version="none"} 1.0' in text
+    assert 'voxswap_model_active{model="sensevoice",version="a"} 1.0' in text
     assert "voxswap_request_duration_seconds_bucket" in text
     assert "voxswap_inference_duration_seconds_count" in text
-    assert "voxswap_model_load_duration_seconds_count 1.0" in text
+    assert 'voxswap_model_load_duration_seconds_count{model="sensevoice"} 1.0' in text
     assert "voxswap_process_resident_memory_bytes" in text
     assert "voxswap_requests_in_flight 0.0" in text
     client.get("/api/jobs/0123456789abcdef0123456789abcdef")
@@ -122,7 +125,7 @@ def test_metrics_count_requests_by_route_status_and_version(client: TestClient, 
     client.get("/health/ready")
     text = client.get("/metrics").text
     assert 'route="/api/jobs/{job_id}",status="404"' in text  # the template, never one series per id
-    assert 'voxswap_requests_total{route="unmatched",status="404",version="none"} 1.0' in text  # /healthz
+    assert 'voxswap_requests_total{model="none",route="unmatched",status="404",version="none"} 1.0' in text  # /healthz
     assert 'route="/health/ready"' not in text  # probes and scrapes are not traffic
 
 

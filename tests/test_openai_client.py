@@ -86,9 +86,10 @@ def test_bad_audio_is_a_bad_request_error_with_a_reason(oa: openai.OpenAI) -> No
     assert info.value.param == "language"
 
 
-def test_models_list_shows_the_versions(oa: openai.OpenAI) -> None:
+def test_models_list_shows_the_models_and_versions(oa: openai.OpenAI) -> None:
     models = {m.id: m for m in oa.models.list()}
-    assert set(models) == {"a", "b"}
+    assert set(models) == {"sensevoice", "sensevoice@a", "a", "b"}
+    assert (models["sensevoice"].model_extra or {})["version"] == "a"
     assert (models["a"].model_extra or {})["live"] is True
     assert (models["b"].model_extra or {})["loaded"] is False
     assert models["a"].owned_by == "voxswap"
@@ -103,4 +104,5 @@ def test_the_client_does_not_retry_a_conflict_it_cannot_win(
     with pytest.raises(openai.ConflictError):
         oa.audio.transcriptions.create(model="b", file=("clip.wav", clip))
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'voxswap_requests_total{route="/v1/audio/transcriptions",status="409",version="none"} 1.0' in metrics
+    assert ('voxswap_requests_total{model="none",route="/v1/audio/transcriptions",status="409",version="none"} 1.0'
+            in metrics)

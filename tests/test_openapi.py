@@ -176,6 +176,44 @@ def test_every_json_route_answers_what_openapi_declares(contract: Contract, regi
     c.call("GET", "/admin/history", 400, params={"limit": 0}, headers=AUTH)
     c.call("GET", "/api/system/traffic", 200)  # now with the requests above to chart
 
+    # the named-model twins of the routes above, and the list of models
+    m = "/admin/models/{model}"
+    c.call("POST", f"{m}/versions", 201, path="/admin/models/meeting/versions", data={"version": "m1"},
+           files=upload, headers=AUTH)
+    c.call("POST", f"{m}/versions", 400, path="/admin/models/a@b/versions", data={"version": "m1"}, files=upload,
+           headers=AUTH)
+    c.call("POST", f"{m}/versions", 409, path="/admin/models/meeting/versions", data={"version": "m1"},
+           files=upload, headers=AUTH)
+    c.call("GET", "/admin/models", 200, headers=AUTH)
+    c.call("GET", "/admin/models", 401)
+    c.call("POST", f"{m}/load", 503, path="/admin/models/meeting/load", headers=AUTH)  # no current version yet
+    c.call("POST", f"{m}/update", 200, path="/admin/models/meeting/update", json={"version": "m1"}, headers=AUTH)
+    c.call("POST", f"{m}/update", 404, path="/admin/models/nope/update", json={"version": "m1"}, headers=AUTH)
+    c.call("GET", f"{m}/versions", 200, path="/admin/models/meeting/versions", headers=AUTH)
+    c.call("GET", f"{m}/versions", 404, path="/admin/models/nope/versions", headers=AUTH)
+    c.call("GET", f"{m}/watch", 200, path="/admin/models/meeting/watch", headers=AUTH)
+    c.call("GET", f"{m}/watch", 404, path="/admin/models/nope/watch", headers=AUTH)
+    c.call("POST", f"{m}/reload", 200, path="/admin/models/meeting/reload", headers=AUTH)
+    c.call("POST", f"{m}/reload", 404, path="/admin/models/nope/reload", headers=AUTH)
+    c.call("POST", f"{m}/rollback", 409, path="/admin/models/meeting/rollback", headers=AUTH)  # no previous
+    c.call("GET", "/health/ready", 200, params={"model": "meeting"})
+    c.call("GET", "/health/ready", 404, params={"model": "nope"})
+    c.call("POST", "/api/transcribe", 200, files=audio, data={"model": "meeting"})
+    c.call("GET", "/admin/history", 200, params={"model": "meeting"}, headers=AUTH)
+    c.call("GET", "/admin/history", 404, params={"model": "nope"}, headers=AUTH)
+    c.call("POST", f"{m}/unload", 200, path="/admin/models/meeting/unload", headers=AUTH)
+    c.call("POST", f"{m}/unload", 404, path="/admin/models/nope/unload", headers=AUTH)
+    c.call("POST", f"{m}/load", 200, path="/admin/models/meeting/load", headers=AUTH)
+    c.call("DELETE", f"{m}/versions/{{name}}", 409, path="/admin/models/meeting/versions/m1", headers=AUTH)
+    c.call("DELETE", f"{m}/versions/{{name}}", 404, path="/admin/models/meeting/versions/zz", headers=AUTH)
+    c.call("POST", f"{m}/versions", 201, path="/admin/models/meeting/versions", data={"version": "m2"},
+           files=upload, headers=AUTH)
+    c.call("POST", f"{m}/update", 200, path="/admin/models/meeting/update", json={"version": "m2"}, headers=AUTH)
+    c.call("POST", f"{m}/rollback", 200, path="/admin/models/meeting/rollback", headers=AUTH)
+    c.call("POST", f"{m}/versions", 201, path="/admin/models/meeting/versions", data={"version": "m3"},
+           files=upload, headers=AUTH)
+    c.call("DELETE", f"{m}/versions/{{name}}", 200, path="/admin/models/meeting/versions/m3", headers=AUTH)
+
     # the calls above reached every documented route, each success media type, and each error state
     routes = set(schema_routes(c.client.app))
     called = {(method, template) for method, template, _, _ in c.seen}

@@ -37,7 +37,7 @@ def test_a_request_pinned_to_a_staged_version_finishes_when_a_newer_rollout_repl
     registry: Registry, settings: Settings, model_dir: Callable[..., Path]
 ) -> None:
     registry.add(model_dir("model c is newer"), "c")
-    lifecycle = ModelLifecycle(registry, settings, Metrics())
+    lifecycle = ModelLifecycle(registry, settings, Metrics().for_model("sensevoice"))
     lifecycle.load_current()
     try:
         _announce(lifecycle.board, "r1", "b")

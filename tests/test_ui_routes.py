@@ -111,8 +111,8 @@ from server.metrics import Metrics
 def worker(version):
     metrics = Metrics()
     for status in ("200", "200", "503"):
-        metrics.requests.labels("/api/transcribe", status, version).inc()
-        metrics.request_duration.labels("/api/transcribe", version).observe(0.2)
+        metrics.requests.labels("/api/transcribe", status, "sensevoice", version).inc()
+        metrics.request_duration.labels("/api/transcribe", "sensevoice", version).observe(0.2)
 
 if __name__ == "__main__":
     sampler = TrafficSampler(Metrics())

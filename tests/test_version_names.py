@@ -87,6 +87,7 @@ def test_a_registry_that_holds_such_names_still_loads_and_serves_them(
         assert r.status_code == 200 and r.json()["text"] == TEXT_B
         r = client.post("/admin/model/update", json={"version": ".old"}, headers=AUTH)
         assert r.status_code == 200, r.text
-        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"a", "b", ".old", "-older"}
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {
+            "sensevoice", "sensevoice@.old", "a", "b", ".old", "-older"}
     assert registry.verify(".old").name == ".old"
 

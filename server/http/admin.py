@@ -1,28 +1,59 @@
 """Admin routes, behind the bearer token: update, rollback, reload, load/unload, versions, history.
 
-Swaps are synchronous: the answer comes after the swap finished or failed, with its timings and the
-memory it gave back. They run in a thread so the event loop keeps serving transcriptions.
+Every model route exists twice: ``/admin/models/{model}/...`` for a named model and, as in earlier
+releases, ``/admin/model/...`` for the default model; one handler serves both. Swaps are
+synchronous: the answer comes after the swap finished or failed, with its timings and the memory
+it gave back. They run in a thread so the event loop keeps serving transcriptions, and two models'
+swaps run at the same time (two of one model: the second is a 409).
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from server.errors import Conflict, NotReady, SwapInProgress
 from server.http import schemas
 from server.http.deps import CtxDep, require_admin
-from server.service.context import AppContext
-from server.storage.manifest import validate_new_name
+from server.http.status_schemas import ModelsAnswer
+from server.lifecycle.policy import ModelLifecycle
+from server.service.status import model_status
+from server.storage.manifest import validate_model_name, validate_new_name
 from server.storage.registry import ANY_CURRENT
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses=schemas.errors(401, 403))
 SWAP_ERRORS = schemas.errors(400, 404, 409, 422, 503)
+ModelName = Annotated[str, Path(description="A model name (GET /admin/models lists them)", max_length=64)]
+
+
+def _model_param(model: ModelName) -> None:
+    """Declares ``{model}`` on the named routes (their handlers read it through :func:`_lifecycle`)."""
+
+
+def _lifecycle(ctx: CtxDep, request: Request) -> ModelLifecycle:
+    """The model a route acts on: ``{model}`` of /admin/models/{model}/..., else the default model."""
+    name = request.path_params.get("model")
+    return ctx.lifecycle if name is None else ctx.models.get(name)
+
+
+LifecycleDep = Annotated[ModelLifecycle, Depends(_lifecycle)]
+
+
+def _model_route(method: str, path: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a handler at /admin/model{path} (default model) and /admin/models/{model}{path}."""
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        router.api_route("/model" + path, methods=[method], **options)(handler)
+        named = {**options, "responses": {**options.get("responses", {}), **schemas.errors(404)}}  # unknown model
+        router.api_route("/models/{model}" + path, methods=[method], dependencies=[Depends(_model_param)],
+                         **named)(handler)
+        return handler
+    return register
 
 
 class UpdateRequest(BaseModel):
@@ -42,115 +73,137 @@ def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
     return body.expected_current
 
 
-@router.post("/model/update", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
-async def update(ctx: CtxDep, body: UpdateRequest) -> dict[str, Any]:
-    ctx.registry.manifest(body.version)  # 404 before any work
-    report = await asyncio.to_thread(ctx.lifecycle.swap_to, body.version, expected_current=_expect(body),
+@router.get("/models", response_model=ModelsAnswer)
+async def models(ctx: CtxDep) -> dict[str, Any]:
+    """Every named model: state, live and previous version, memory, versions, workers, rollout, watch."""
+    def collect() -> dict[str, Any]:
+        ctx.models.discover()
+        return {"default": ctx.models.default.name, "models": [model_status(ctx, m) for m in ctx.models]}
+    return await asyncio.to_thread(collect)
+
+
+@_model_route("POST", "/update", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
+async def update(lifecycle: LifecycleDep, body: UpdateRequest) -> dict[str, Any]:
+    lifecycle.registry.manifest(body.version)  # 404 before any work
+    report = await asyncio.to_thread(lifecycle.swap_to, body.version, expected_current=_expect(body),
                                      event="promote", actor="admin", watch_seconds=body.watch_seconds)
     return report.to_json()
 
 
-@router.get("/model/watch", response_model=schemas.WatchAnswer)
-async def watch(ctx: CtxDep) -> dict[str, Any]:
-    """The last post-swap watch: watching, passed, rolled_back, inconclusive or superseded."""
-    return {"watch": ctx.lifecycle.watch.current()}
+@_model_route("GET", "/watch", response_model=schemas.WatchAnswer)
+async def watch(lifecycle: LifecycleDep) -> dict[str, Any]:
+    """The model's last post-swap watch: watching, passed, rolled_back, inconclusive or superseded."""
+    return {"watch": lifecycle.watch.current()}
 
 
-@router.post("/model/rollback", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
-async def rollback(ctx: CtxDep, body: ExpectRequest | None = None) -> dict[str, Any]:
-    target = ctx.registry.rollback_target()
-    report = await asyncio.to_thread(ctx.lifecycle.swap_to, target, expected_current=_expect(body),
+@_model_route("POST", "/rollback", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
+async def rollback(lifecycle: LifecycleDep, body: ExpectRequest | None = None) -> dict[str, Any]:
+    target = lifecycle.registry.rollback_target()
+    report = await asyncio.to_thread(lifecycle.swap_to, target, expected_current=_expect(body),
                                      event="rollback", actor="admin")
     return report.to_json()
 
 
-@router.post("/model/reload", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
-async def reload(ctx: CtxDep) -> dict[str, Any]:
+@_model_route("POST", "/reload", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
+async def reload(lifecycle: LifecycleDep) -> dict[str, Any]:
     """Build the current version afresh beside itself (e.g. after a suspected leak), blue/green."""
-    current = ctx.lifecycle.live_version or ctx.registry.state().current
+    current = lifecycle.live_version or lifecycle.registry.state().current
     if current is None:
-        raise NotReady("nothing to reload: no version is current")
-    report = await asyncio.to_thread(ctx.lifecycle.swap_to, current, event="reload", actor="admin",
+        raise NotReady(f"nothing to reload: model {lifecycle.name!r} has no current version")
+    report = await asyncio.to_thread(lifecycle.swap_to, current, event="reload", actor="admin",
                                      commit_registry=False)
     return report.to_json()
 
 
-@router.post("/model/load", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
-async def load(ctx: CtxDep) -> dict[str, Any]:
-    if ctx.lifecycle.live is not None:
-        raise Conflict(f"version {ctx.lifecycle.live_version!r} is already loaded; use update or reload")
-    report = await asyncio.to_thread(ctx.lifecycle.load, actor="admin")
+@_model_route("POST", "/load", response_model=schemas.SwapReport, responses=SWAP_ERRORS)
+async def load(lifecycle: LifecycleDep) -> dict[str, Any]:
+    if lifecycle.live is not None:
+        raise Conflict(f"version {lifecycle.live_version!r} of model {lifecycle.name!r} is already loaded; "
+                       "use update or reload")
+    report = await asyncio.to_thread(lifecycle.load, actor="admin")
     if report is None:
-        raise NotReady(ctx.lifecycle.not_ready_reason())
+        raise NotReady(lifecycle.not_ready_reason())
     return report.to_json()
 
 
-@router.post("/model/unload", response_model=schemas.Unloaded | schemas.NothingUnloaded,
-             responses=schemas.errors(409))
-async def unload(ctx: CtxDep) -> dict[str, Any]:
-    return await asyncio.to_thread(ctx.lifecycle.unload, actor="admin")
+@_model_route("POST", "/unload", response_model=schemas.Unloaded | schemas.NothingUnloaded,
+              responses=schemas.errors(404, 409))
+async def unload(lifecycle: LifecycleDep) -> dict[str, Any]:
+    return await asyncio.to_thread(lifecycle.unload, actor="admin")
 
 
-@router.get("/model/versions", response_model=schemas.VersionList)
-async def versions(ctx: CtxDep) -> dict[str, Any]:
-    state = ctx.registry.state()
-    loaded = set(ctx.lifecycle.loaded_versions())
+@_model_route("GET", "/versions", response_model=schemas.VersionList, responses=schemas.errors(404))
+async def versions(lifecycle: LifecycleDep) -> dict[str, Any]:
+    state = lifecycle.registry.state()
+    loaded = set(lifecycle.loaded_versions())
     return {
         "current": state.current,
         "previous": state.previous,
         "generation": state.generation,
-        "live": ctx.lifecycle.live_version,
+        "live": lifecycle.live_version,
         "versions": [
             {**m.to_json(), "current": m.name == state.current, "previous": m.name == state.previous,
              "loaded": m.name in loaded, "golden_smoke": bool(m.smoke)}
-            for m in ctx.registry.versions()
+            for m in lifecycle.registry.versions()
         ],
     }
 
 
-@router.post("/model/versions", status_code=201, response_model=schemas.Manifest,
-             responses=schemas.errors(400, 409, 413, 422))
+@_model_route("POST", "/versions", status_code=201, response_model=schemas.Manifest,
+              responses=schemas.errors(400, 409, 413, 422))
 async def upload_version(
     ctx: CtxDep,
+    request: Request,
     version: Annotated[str, Form()],
     file: Annotated[UploadFile, File(description="tar.gz of a version folder")],
+    kind: Annotated[str | None, Form(description="The model kind; detected from the files when not sent",
+                                     max_length=64)] = None,
 ) -> dict[str, Any]:
-    """Add a version from a tar.gz (as deploy.sh sends it); checksums are verified on arrival.
+    """Add a version from a tar.gz (as deploy.sh sends it); checksums are verified on arrival. A
+    named model that does not exist yet is created, of the kind its files show (or ``kind``).
 
     The archive is kept in a folder of the registry's ``.staging`` that this process owns while it
     works, so one a killed server left is found and removed at the next start, and a live one never.
     """
-    validate_new_name(version)  # 400 before a possibly large archive is copied
+    model = request.path_params.get("model", ctx.models.default.name)
+    validate_model_name(model)  # 400 before a possibly large archive is copied
+    validate_new_name(version)
     with ctx.registry.work_folder("received") as folder:
         archive = folder / "version.tar.gz"
         with archive.open("wb") as out:
             await asyncio.to_thread(shutil.copyfileobj, file.file, out)
-        manifest = await asyncio.to_thread(ctx.registry.add_archive, archive, version, actor="admin")
+        manifest = await asyncio.to_thread(ctx.catalog.add_archive, model, archive, version, kind=kind,
+                                           actor="admin")
+    ctx.models.discover()
     return manifest.to_json()
 
 
-@router.delete("/model/versions/{name}", response_model=schemas.Removed,
-               responses=schemas.errors(400, 404, 409))
-async def remove_version(ctx: CtxDep, name: str) -> dict[str, Any]:
-    if name in ctx.lifecycle.loaded_versions():
-        raise Conflict(f"version {name!r} is loaded and cannot be removed")
-    await asyncio.to_thread(ctx.registry.remove, name, actor="admin", guard=lambda: _not_rolling_out(ctx, name))
+@_model_route("DELETE", "/versions/{name}", response_model=schemas.Removed, responses=schemas.errors(400, 404, 409))
+async def remove_version(lifecycle: LifecycleDep, name: str) -> dict[str, Any]:
+    if name in lifecycle.loaded_versions():
+        raise Conflict(f"version {name!r} of model {lifecycle.name!r} is loaded and cannot be removed")
+    await asyncio.to_thread(lifecycle.registry.remove, name, actor="admin",
+                            guard=lambda: _not_rolling_out(lifecycle, name))
     return {"removed": name}
 
 
-def _not_rolling_out(ctx: AppContext, name: str) -> None:
+def _not_rolling_out(lifecycle: ModelLifecycle, name: str) -> None:
     """409 while any worker builds ``name`` for an update: it is not loaded yet, so without this the
     files would go from under the build, and the update would fail its verification instead.
 
     Called under the registry lock, under which rollouts are claimed: none can begin meanwhile.
     """
-    board = ctx.lifecycle.board
+    board = lifecycle.board
     rollout = board.rollout()
     if rollout and rollout.version == name and rollout.phase in ("staging", "committed") and not board.stale(rollout):
         raise SwapInProgress(f"version {name!r} is being rolled out by an update; remove it once the update "
                              "has finished (and it is neither current nor previous)", retry_after=2)
 
 
-@router.get("/history", response_model=schemas.History, responses=schemas.errors(400))
-async def history(ctx: CtxDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
-    return {"events": ctx.registry.history(limit)}
+@router.get("/history", response_model=schemas.History, responses=schemas.errors(400, 404))
+async def history(
+    ctx: CtxDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    model: Annotated[str | None, Query(max_length=64, description="One model's events; every model's without")] = None,
+) -> dict[str, Any]:
+    return {"events": await asyncio.to_thread(ctx.catalog.history, model, limit)}

@@ -37,7 +37,8 @@ log = logging.getLogger("voxswap.guard")
 # request by the small max_body_bytes
 UPLOAD_ROUTES = frozenset({("POST", "/api/transcribe"), ("POST", "/v1/audio/transcriptions"),
                            ("POST", "/api/jobs"), ("POST", "/admin/model/versions")})
-UPLOAD_PATHS = frozenset(path for _, path in UPLOAD_ROUTES)
+NAMED_UPLOAD = re.compile(r"/admin/models/[^/]+/versions")  # a version upload to a named model
+NAMED_UPLOAD_TEMPLATE = "/admin/models/{model}/versions"
 # what a client API key opens when keys are configured; health, metrics, the page and /docs stay open
 KEYED_PREFIXES = ("/api/transcribe", "/v1/audio/", "/v1/models", "/api/jobs")
 ADMIN = Client(key_id="admin", label="admin", admin=True)  # "admin" can never be a key's 16-hex id
@@ -51,6 +52,15 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root) and path[len(root):].startswith("/"):
         return path[len(root):]
     return path
+
+
+def upload_template(method: str | None, path: str) -> str | None:
+    """The route template of an upload route (bounded by ``max_upload_bytes``), else None."""
+    if method != "POST":
+        return None
+    if ("POST", path) in UPLOAD_ROUTES:
+        return path
+    return NAMED_UPLOAD_TEMPLATE if NAMED_UPLOAD.fullmatch(path) else None
 
 
 def is_admin_path(path: str) -> bool:
@@ -196,7 +206,7 @@ class Guard:
                     raise TooManyRequests(
                         f"this API key may make {self.settings.api_key_rate_per_s:g} requests a second; "
                         f"try again in {math.ceil(wait)} s", retry_after=wait)
-        upload = (scope.get("method"), path) in UPLOAD_ROUTES
+        upload = upload_template(scope.get("method"), path) is not None
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -215,7 +225,7 @@ class Guard:
         return Client(key_id=entry.key_id, label=entry.label)
 
     def reader(self, receive: Receive, scope: Scope, limit: int) -> BodyReader:
-        upload = (scope.get("method"), route_path(scope)) in UPLOAD_ROUTES
+        upload = upload_template(scope.get("method"), route_path(scope)) is not None
         return BodyReader(receive, limit=limit, upload=upload, timeout_s=self.settings.body_timeout_s,
                           min_rate=self.settings.min_upload_rate_bytes)
 

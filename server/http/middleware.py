@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from server.errors import VoxswapError, envelope
-from server.http.guard import UPLOAD_PATHS, Guard
+from server.http.guard import Guard, upload_template
 from server.logs import request_id_var
 from server.service.context import AppContext
 
@@ -53,7 +53,7 @@ class RequestContextMiddleware:
         path: str = scope.get("path", "")
         counted = path not in UNCOUNTED_PATHS
         transcription = path.startswith(TRANSCRIPTION_PREFIXES)
-        status = {"code": 500, "version": "none"}
+        status = {"code": 500, "model": "none", "version": "none"}
         started = time.perf_counter()
         metrics = self.ctx.metrics
         # a body the app leaves unread must not be read (and thrown away) after the answer: close instead
@@ -80,6 +80,8 @@ class RequestContextMiddleware:
                     for key, value in raw:
                         if key.lower() == b"x-model-version":
                             status["version"] = value.decode()
+                        elif key.lower() == b"x-model":
+                            status["model"] = value.decode()
                     raw.append((b"x-request-id", request_id.encode()))
                     if self.ctx.lifecycle.draining or (has_body and not reader.complete):
                         # a client told to close now never races the idle-connection close at shutdown
@@ -93,8 +95,9 @@ class RequestContextMiddleware:
                 metrics.in_flight.dec()
             if counted:
                 label = self._route_label(scope)
-                metrics.requests.labels(label, str(status["code"]), status["version"]).inc()
-                metrics.request_duration.labels(label, status["version"]).observe(time.perf_counter() - started)
+                metrics.requests.labels(label, str(status["code"]), status["model"], status["version"]).inc()
+                metrics.request_duration.labels(label, status["model"], status["version"]).observe(
+                    time.perf_counter() - started)
             request_id_var.reset(token)
 
     @staticmethod
@@ -102,8 +105,8 @@ class RequestContextMiddleware:
         """The route's template (never the raw path: one series per job id would be unbounded). An
         upload refused before routing (413 from its Content-Length) still gets its route's name."""
         route = getattr(scope.get("route"), "path", None)
-        if route is None and scope.get("path") in UPLOAD_PATHS:
-            route = scope["path"]
+        if route is None:
+            route = upload_template(scope.get("method"), scope.get("path", ""))
         return route or "unmatched"
 
     async def _refuse(self, send: Send, exc: VoxswapError, request_id: str, *, close: bool,

@@ -87,7 +87,8 @@ class Transcription(Closed):
     language: str | None
     emotion: str | None
     events: list[str]
-    model_version: str = Field(description="The version that answered (also the X-Model-Version header)")
+    model: str = Field(description="The named model that answered (also the X-Model header)")
+    model_version: str = Field(description="The version of it that answered (also the X-Model-Version header)")
     duration_s: float
     processing_ms: float
     segments: list[Segment]
@@ -109,16 +110,21 @@ class OpenAIVerboseTranscription(Closed):
     segments: list[Segment]
     emotion: str | None
     events: list[str]
+    model: str
     model_version: str
 
 
 class ModelCard(Closed):
-    id: str = Field(description="A version name; send it as `model` to pin that version")
+    id: str = Field(description="What to send as `model`: a model name (its live version), NAME@VERSION (that "
+                               "loaded version), or a bare version of the default model")
     object: Literal["model"]
     created: int
     owned_by: str
     loaded: bool = Field(description="Loaded in the process that answered, so it can be pinned")
-    live: bool
+    live: bool = Field(description="The id answers with its model's live version")
+    model: str = Field(description="The named model the id belongs to")
+    version: str | None = Field(description="The version the id names, or the model's live one for a model name")
+    kind: str = Field(description="The model's kind, e.g. sensevoice")
 
 
 class ModelList(Closed):
@@ -129,10 +135,19 @@ class ModelList(Closed):
 # -- health and status ----------------------------------------------------------------------------
 
 
+class ModelReadiness(Closed):
+    ready: bool
+    version: str | None
+    state: str = Field(description="not_loaded, loading, ready, swapping or unloading")
+    reason: str
+    required: bool = Field(description="Counts for this readiness answer (VOXSWAP_READY_MODELS or ?model=)")
+
+
 class Health(Closed):
     status: Literal["healthy"]
-    model_version: str | None
-    state: str = Field(description="not_loaded, loading, ready, swapping or unloading")
+    model_version: str | None = Field(description="The default model's live version")
+    state: str = Field(description="The default model's: not_loaded, loading, ready, swapping or unloading")
+    models: dict[str, ModelReadiness] = Field(description="Every model by name")
 
 
 class HealthUnavailable(Closed):
@@ -142,6 +157,7 @@ class HealthUnavailable(Closed):
     model_version: str | None
     state: str
     reason: str
+    models: dict[str, ModelReadiness]
 
 
 class Liveness(Closed):
@@ -253,35 +269,6 @@ class JobQueueStatus(Closed):
     claimed: int | None = Field(description="Jobs this process is running")
 
 
-class SystemStatus(Closed):
-    ready: bool
-    reason: str
-    state: str = Field(description="The model state, or shutting_down")
-    model_loaded: bool
-    model_version: str | None
-    model_path: str | None
-    model_file: str | None
-    device: str
-    providers: list[str]
-    model_memory_bytes: int
-    smoke: SmokeReport | None
-    previous_version: str | None
-    registry_current: str | None
-    registry_generation: int
-    swapping: bool
-    last_error: str | None
-    in_flight: int
-    queued: int
-    resident_memory_bytes: int
-    pid: int
-    uptime_s: float
-    registry: str
-    workers: list[Worker]
-    rollout: Rollout | None
-    watch: Watch | None
-    jobs: JobQueueStatus | None = Field(None, description="This process's job queue; counts are null until first read")
-
-
 # -- admin ----------------------------------------------------------------------------------------
 
 
@@ -306,6 +293,7 @@ class SwapReport(Closed):
     workers: list[SwapWorkerVersion | SwapWorkerStaging]
     converged: bool | None = Field(description="Every worker serves the version; null when no other worker "
                                                "took part")
+    model: str = Field(description="The named model swapped")
     version: str
     from_version: str | None
     event: str = Field(description="promote, rollback, reload, load, load_fallback, unload or auto_rollback")
@@ -358,6 +346,7 @@ class Manifest(Closed):
     files: list[ManifestFile]
     smoke: list[SmokeClip] = Field(description="Golden clips; empty means only the built-in check runs")
     metadata: dict[str, Any]
+    kind: str = Field(description="The model kind of the version, e.g. sensevoice")
     total_bytes: int
 
 
@@ -385,6 +374,7 @@ class HistoryLine(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     ts: float
+    model: str = Field(description="The named model the event concerns")
     event: str = Field(description="A kind GET /api/ui/vocabulary lists; a string, so that a line another "
                                    "release wrote never breaks the list")
 

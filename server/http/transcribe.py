@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.errors import InvalidRequest, NotFound, RegistryError
+from server.errors import InvalidRequest, NotFound
 from server.http import schemas
 from server.http.deps import CtxDep, bearer_token, is_admin_token
+from server.http.status_schemas import SystemStatus
+from server.service import routing
 from server.service.context import AppContext
+from server.service.status import model_status, readiness
 from server.service.transcription import Transcription
 from server.speech.formats import to_srt, to_vtt
-from server.vocab import LANGUAGES, Language
+from server.vocab import LANGUAGES, Language, ModelKind, pinned_name
 
 router = APIRouter()
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
-LIVE_ALIASES = {"", "whisper-1", "voxswap", "default"}
 TRANSCRIPTION_ERRORS = schemas.errors(400, 404, 409, 413, 415, 503, 504)
 
 
-def _pinned(ctx: AppContext, requested: str | None) -> str | None:
-    """A version named by the client, checked against the registry; None means the live one."""
-    name = (requested or "").strip()
-    if name in LIVE_ALIASES:
-        return None
-    try:
-        ctx.registry.version_dir(name)  # a name that is not a version name is simply not found
-    except (NotFound, RegistryError):
-        raise NotFound(f"no model version {name[:80]!r}; GET /v1/models lists them", param="model") from None
-    return name
-
-
 def _headers(result: Transcription) -> dict[str, str]:
-    return {"X-Model-Version": result.model_version}
+    return {"X-Model": result.model, "X-Model-Version": result.model_version}
 
 
 @router.post("/api/transcribe", tags=["transcription"], response_model=schemas.Transcription,
@@ -46,10 +37,13 @@ async def transcribe(
     file: Annotated[UploadFile, File(description="Audio: wav, flac, ogg/opus, mp3, m4a, webm")],
     language: Annotated[Language, Form()] = "auto",
     use_itn: Annotated[bool, Form()] = False,
+    model: Annotated[str, Form(description="A model name, NAME@VERSION, or nothing for the default model",
+                               )] = "",
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    target = routing.resolve(ctx.models, model, x_model_version)
     result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
-                                          version=_pinned(ctx, x_model_version))
+                                          model=target.model, version=target.version)
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
@@ -74,8 +68,9 @@ async def openai_transcriptions(
     lang = (language or "auto").lower()
     if lang not in LANGUAGES:
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
-    version = _pinned(ctx, x_model_version or model)
-    result = await ctx.service.transcribe(await file.read(), language=lang, version=version)
+    target = routing.resolve(ctx.models, model, x_model_version)
+    result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
+                                          version=target.version)
     headers = _headers(result)
     if response_format == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)
@@ -94,6 +89,7 @@ async def openai_transcriptions(
                          for s in result.segments],
             "emotion": result.emotion,
             "events": result.events,
+            "model": result.model,
             "model_version": result.model_version,
         }, headers=headers)
     return JSONResponse({"text": result.text}, headers=headers)
@@ -101,34 +97,45 @@ async def openai_transcriptions(
 
 @router.get("/v1/models", tags=["openai"], response_model=schemas.ModelList, responses=schemas.errors())
 async def list_models(ctx: CtxDep) -> dict[str, Any]:
-    loaded = set(ctx.lifecycle.loaded_versions())
-    return {
-        "object": "list",
-        "data": [{"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": "voxswap",
-                  "loaded": m.name in loaded, "live": m.name == ctx.lifecycle.live_version}
-                 for m in ctx.registry.versions()],
-    }
+    """Every model name, every loaded ``NAME@VERSION``, and the default model's bare version ids."""
+    return {"object": "list", "data": await asyncio.to_thread(_model_cards, ctx)}
 
 
-def _readiness(ctx: AppContext) -> tuple[bool, str]:
-    if ctx.shutting_down:
-        return False, "shutting down"
-    if ctx.lifecycle.live is None:
-        return False, ctx.lifecycle.not_ready_reason()
-    lagging = ctx.lifecycle.convergence_problem()
-    if lagging:
-        return False, lagging
-    return True, "serving"
+def _model_cards(ctx: AppContext) -> list[dict[str, Any]]:
+    ctx.models.discover()
+    cards: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
+    for lifecycle in ctx.models:
+        kind = lifecycle.registry.kind()
+        base = {"object": "model", "owned_by": "voxswap", "model": lifecycle.name,
+                "kind": kind.value if kind else ModelKind.SENSEVOICE.value}
+        live = lifecycle.live_version
+        manifests = {m.name: m for m in lifecycle.registry.versions()}
+        created = manifests[live].created_at if live in manifests else min(
+            (m.created_at for m in manifests.values()), default=0)
+        cards.append({**base, "id": lifecycle.name, "created": int(created), "loaded": live is not None,
+                      "live": True, "version": live})
+        loaded = lifecycle.loaded_versions()
+        for version in loaded:
+            made = manifests[version].created_at if version in manifests else 0
+            cards.append({**base, "id": pinned_name(lifecycle.name, version), "created": int(made),
+                          "loaded": True, "live": version == live, "version": version})
+        if lifecycle is ctx.models.default:
+            bare = [{**base, "id": m.name, "created": int(m.created_at), "loaded": m.name in loaded,
+                     "live": m.name == live, "version": m.name} for m in manifests.values()]
+    return cards + bare
 
 
-def _health_response(ctx: AppContext) -> JSONResponse:
-    ready, reason = _readiness(ctx)
-    body = {"status": "healthy" if ready else "unavailable", "model_version": ctx.lifecycle.live_version,
-            "state": ctx.lifecycle.state.value}
-    if not ready:
-        body["reason"] = reason
-    return JSONResponse(body, status_code=200 if ready else 503,
-                        headers=None if ready else {"Retry-After": "1"})
+def _health_response(ctx: AppContext, model: str | None = None) -> JSONResponse:
+    answer = readiness(ctx, model)
+    default = ctx.models.default
+    body: dict[str, Any] = {"status": "healthy" if answer.ready else "unavailable",
+                            "model_version": default.live_version, "state": default.state.value,
+                            "models": answer.models}
+    if not answer.ready:
+        body["reason"] = answer.reason
+    return JSONResponse(body, status_code=200 if answer.ready else 503,
+                        headers=None if answer.ready else {"Retry-After": "1"})
 
 
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -143,9 +150,11 @@ async def health(ctx: CtxDep) -> JSONResponse:
     return _health_response(ctx)
 
 
-@router.get("/health/ready", tags=["health"], response_model=schemas.Health, responses=HEALTH_RESPONSES)
-async def ready(ctx: CtxDep) -> JSONResponse:
-    return _health_response(ctx)
+@router.get("/health/ready", tags=["health"], response_model=schemas.Health,
+            responses={**HEALTH_RESPONSES, **schemas.errors(404)})
+async def ready(ctx: CtxDep, model: Annotated[str | None, Query(max_length=64)] = None) -> JSONResponse:
+    """Ready when the required models serve (VOXSWAP_READY_MODELS; ``model``: that one only)."""
+    return _health_response(ctx, model)
 
 
 @router.get("/health/live", tags=["health"], response_model=schemas.Liveness, responses=schemas.errors())
@@ -168,42 +177,32 @@ def _admin_or_absent(ctx: AppContext, request: Request) -> None:
         raise NotFound("Not Found")
 
 
-@router.get("/api/system/status", tags=["status"], response_model=schemas.SystemStatus,
+@router.get("/api/system/status", tags=["status"], response_model=SystemStatus,
             responses={**schemas.errors(), 404: {"model": schemas.ErrorEnvelope, "description":
                        "The status is private (VOXSWAP_PUBLIC_STATUS=false) and no admin token was sent"}})
 async def status(ctx: CtxDep, request: Request) -> dict[str, Any]:
     """What this process serves and how; with ``public_status`` off, for the admin token only."""
     if not ctx.settings.public_status:
         _admin_or_absent(ctx, request)
-    lifecycle = ctx.lifecycle
-    live = lifecycle.live
-    state = ctx.registry.state()
-    ready, reason = _readiness(ctx)
+    answer = readiness(ctx)
+    models = [model_status(ctx, lifecycle) for lifecycle in ctx.models]
+    default = models[0]
     return {
-        "ready": ready,
-        "reason": reason,
-        "state": "shutting_down" if ctx.shutting_down else lifecycle.state.value,
-        "model_loaded": live is not None,
-        "model_version": live.version if live else None,
-        "model_path": str(live.path) if live else None,
-        "model_file": live.engine.model_file if live else None,
-        "device": live.engine.device if live else ctx.settings.device,
-        "providers": live.engine.providers if live else [],
-        "model_memory_bytes": live.memory_bytes if live else 0,
-        "smoke": live.smoke.to_json() if live else None,
-        "previous_version": state.previous,
-        "registry_current": state.current,
-        "registry_generation": state.generation,
-        "swapping": lifecycle.swapping,
-        "last_error": lifecycle.last_error,
-        "in_flight": lifecycle.in_flight(),
+        "ready": answer.ready,
+        "reason": answer.reason,
+        "state": "shutting_down" if ctx.shutting_down else default["state"],
+        "model_loaded": default["live_version"] is not None,
+        "model_version": default["live_version"],
+        **{key: default[key] for key in ("model_path", "model_file", "device", "providers", "model_memory_bytes",
+                                         "smoke", "previous_version", "registry_current", "registry_generation",
+                                         "swapping", "last_error", "in_flight", "workers", "rollout", "watch")},
         "queued": ctx.pool.queued,
         "resident_memory_bytes": ctx.metrics.refresh_process(),
         "pid": os.getpid(),
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "registry": str(ctx.registry.root),
-        "workers": [w.to_json() for w in ctx.lifecycle.board.workers()],
-        "rollout": rollout.to_json() if (rollout := ctx.lifecycle.board.rollout()) else None,
-        "watch": ctx.lifecycle.watch.current(),
         "jobs": None if ctx.jobs is None else {"store": ctx.jobs.store.describe(), **ctx.jobs.queue_counts()},
+        "model": ctx.models.default.name,
+        "models": models,
+        "models_memory_bytes": ctx.models.memory_bytes(),
     }

@@ -38,7 +38,7 @@ router = APIRouter(tags=["operator page"])
 
 MIN_INTERVAL_S = 1.0  # a poll right after another adds an interval too short to mean anything
 HISTORY_S = 150.0  # the page charts the last two and a half minutes
-NO_VERSION = "none"  # the middleware's version label for a request no version answered
+NO_VERSION = "none"  # the middleware's model and version labels for a request no version answered
 
 
 # -- vocabulary ---------------------------------------------------------------------------------
@@ -85,6 +85,7 @@ class Traffic(Closed):
 
 
 class VersionTraffic(Traffic):
+    model: str | None = Field(description="The named model that answered; null for requests refused before one did")
     version: str | None = Field(description="The version that answered; null for requests refused before one did")
 
 
@@ -124,7 +125,7 @@ class _Tally:
 class _Snapshot:
     monotonic: float
     wall: float
-    tallies: dict[str, _Tally]
+    tallies: dict[tuple[str, str], _Tally]
 
 
 class TrafficSampler:
@@ -154,17 +155,18 @@ class TrafficSampler:
         points = [point for before, after in pairwise(snapshots) if (point := _interval(before, after))]
         return TrafficSeries(routes=list(TRANSCRIPTION_PREFIXES), history_s=HISTORY_S, points=points)
 
-    def _tallies(self, scraped: CollectorRegistry) -> dict[str, _Tally]:
+    def _tallies(self, scraped: CollectorRegistry) -> dict[tuple[str, str], _Tally]:
         requests = {family.name for family in self._metrics.requests.describe()}
         durations = {family.name for family in self._metrics.request_duration.describe()}
-        tallies: dict[str, _Tally] = {}
+        tallies: dict[tuple[str, str], _Tally] = {}
         for family in scraped.collect():
             if family.name not in requests | durations:
                 continue
             for sample in family.samples:
                 if not sample.labels.get("route", "").startswith(TRANSCRIPTION_PREFIXES):
                     continue
-                tally = tallies.setdefault(sample.labels.get("version", NO_VERSION), _Tally())
+                key = (sample.labels.get("model", NO_VERSION), sample.labels.get("version", NO_VERSION))
+                tally = tallies.setdefault(key, _Tally())
                 if family.name in requests and sample.name.endswith("_total"):
                     tally.requests += sample.value
                     if sample.labels.get("status", "").startswith("5"):
@@ -180,14 +182,15 @@ def _interval(before: _Snapshot, after: _Snapshot) -> TrafficPoint | None:
     seconds = after.monotonic - before.monotonic
     total = _Tally()
     versions = []
-    for version, tally in sorted(after.tallies.items()):
-        delta = tally.minus(before.tallies.get(version, _Tally()))
+    for (model, version), tally in sorted(after.tallies.items()):
+        delta = tally.minus(before.tallies.get((model, version), _Tally()))
         if delta.requests < 0 or any(n < 0 for n in delta.buckets.values()):
             return None
         if delta.requests == 0:
             continue
         total.add(delta)
-        versions.append(VersionTraffic(version=None if version == NO_VERSION else version,
+        versions.append(VersionTraffic(model=None if model == NO_VERSION else model,
+                                       version=None if version == NO_VERSION else version,
                                        **_traffic(delta, seconds).model_dump()))
     return TrafficPoint(end=after.wall, seconds=seconds, versions=versions, **_traffic(total, seconds).model_dump())
 

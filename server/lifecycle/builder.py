@@ -16,14 +16,14 @@ from server.errors import NotFound, SwapFailed, VerificationFailed
 from server.lifecycle.holder import LoadedModel, resident_bytes
 from server.lifecycle.report import SwapReport
 from server.lifecycle.smoke import run_smoke
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.settings import Settings
 from server.storage.registry import Registry
 from server.vocab import HistoryEvent
 
 
 class CandidateBuilder:
-    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics):
+    def __init__(self, registry: Registry, settings: Settings, metrics: ModelMetrics):
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -54,7 +54,7 @@ class CandidateBuilder:
             reason = str(exc).replace(str(path), f"<{version}>")
             raise SwapFailed(f"version {version!r} failed to load: {reason}", outcome="load_failed") from exc
         load_s = self._phase("load", t)
-        self.metrics.model_load.observe(load_s)
+        self.metrics.load_time(load_s)
         report.timings["load_s"] = load_s
         memory = max(0, resident_bytes() - rss_before)
         report.memory["model_bytes"] = memory
@@ -74,7 +74,7 @@ class CandidateBuilder:
     def trial(self, version: str, *, event: str) -> SwapReport:
         """Build ``version`` and close it again: the CLI's promote checks a version this way before
         moving the pointer, and a refusal goes into the history as a server's would."""
-        report = SwapReport(version=version, from_version=None, event=event)
+        report = SwapReport(version=version, from_version=None, event=event, model=self.registry.model)
         try:
             self.build(version, report).engine.close()
         except SwapFailed as exc:
@@ -86,7 +86,7 @@ class CandidateBuilder:
 
     def _phase(self, phase: str, started: float) -> float:
         elapsed = time.perf_counter() - started
-        self.metrics.swap_phase.labels(phase).observe(elapsed)
+        self.metrics.phase(phase, elapsed)
         return elapsed
 
     def _fault(self, version: str, role: str) -> str | None:

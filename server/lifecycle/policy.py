@@ -33,7 +33,7 @@ from server.lifecycle.rollout import Rollouts
 from server.lifecycle.stats import VersionStats
 from server.lifecycle.swaplock import SwapLock
 from server.lifecycle.watch import PostSwapWatch
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.settings import Settings
 from server.storage.registry import ANY_CURRENT, Registry
 from server.vocab import HistoryEvent
@@ -52,9 +52,13 @@ class ModelState(StrEnum):
 
 
 class ModelLifecycle:
-    """Holds the live version of one model in this process and performs every change to it."""
+    """Holds the live version of one named model in this process and performs every change to it.
 
-    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics):
+    Each model has its own: a swap of one never waits for another's, and its failure stays its own.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings, metrics: ModelMetrics):
+        self.name = registry.model
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -123,10 +127,11 @@ class ModelLifecycle:
         if self._state == ModelState.UNLOADING:
             return "the model is being unloaded"
         if self.held_by_operator:
-            return "the model was unloaded by an operator; POST /admin/model/load to load it"
+            return (f"model {self.name!r} was unloaded by an operator; POST /admin/models/{self.name}/load "
+                    "to load it")
         if self.last_error:
-            return f"no model is loaded: {self.last_error}"
-        return "no model is loaded"
+            return f"model {self.name!r} is not loaded: {self.last_error}"
+        return f"model {self.name!r} is not loaded"
 
     # -- swaps ------------------------------------------------------------------------------
 
@@ -156,7 +161,7 @@ class ModelLifecycle:
                 actual, what = (committed, "current") if commit_registry else (live_before, "live")
                 if actual != expected_current:
                     raise UnexpectedCurrent(f"{what} version is {actual!r}, not {expected_current!r}; nothing changed")
-            with self._swapping(SwapReport(version=version, from_version=live_before, event=event),
+            with self._swapping(SwapReport(version=version, from_version=live_before, event=event, model=self.name),
                                 actor, announce=False) as report:
                 if commit_registry:
                     self._roll_out(report, actor, committed)
@@ -185,7 +190,7 @@ class ModelLifecycle:
                                           event=HistoryEvent(report.event),
                                           details={"timings": report.to_json()["timings"]})
             report.generation = self.applied_generation = state.generation
-            self.metrics.registry_generation.set(state.generation)
+            self.metrics.generation(state.generation)
             rollout.commit()
             self._go_live(candidate, report)
             report.converged = rollout.await_peers_serving(self.live_version)
@@ -196,13 +201,13 @@ class ModelLifecycle:
         ``after_swap`` is told of a success unless the caller (``swap_to``) tells it later."""
         previous_state = self._state
         self._state = ModelState.SWAPPING if self.live else ModelState.LOADING
-        log.info("swap started", extra={"event": "swap_start", "version": report.version,
+        log.info("swap started", extra={"event": "swap_start", "model": self.name, "version": report.version,
                                          "from_version": report.from_version, "reason": report.event})
         try:
             yield report
         except SwapFailed as exc:
             self._state = previous_state if self.live else ModelState.NOT_LOADED
-            self.metrics.swaps.labels(exc.outcome).inc()
+            self.metrics.swap(exc.outcome)
             report.outcome, report.reason = exc.outcome, exc.message
             report.timings["total_s"] = time.perf_counter() - report.started
             exc.report = report.to_json()
@@ -211,19 +216,19 @@ class ModelLifecycle:
             self.registry.record(HistoryEvent.SWAP_FAILED, version=report.version, from_version=report.from_version,
                                  actor=actor, outcome=exc.outcome, reason=exc.message, request=report.event,
                                  timings=exc.report["timings"], workers=report.workers or None)
-            log.warning("swap refused", extra={"event": "swap_failed", "version": report.version,
+            log.warning("swap refused", extra={"event": "swap_failed", "model": self.name, "version": report.version,
                                                "outcome": exc.outcome, "reason": exc.message})
             raise
         except UnexpectedCurrent as exc:
             self._state = previous_state if self.live else ModelState.NOT_LOADED
-            self.metrics.swaps.labels("conflict").inc()
+            self.metrics.swap("conflict")
             report.outcome, report.reason = "conflict", exc.message
             raise
         except BaseException:
             self._state = ModelState.READY if self.live else ModelState.NOT_LOADED
             raise
         report.timings["total_s"] = time.perf_counter() - report.started
-        self.metrics.swaps.labels("rolled_back" if report.event in ("rollback", "auto_rollback") else "success").inc()
+        self.metrics.swap("rolled_back" if report.event in ("rollback", "auto_rollback") else "success")
         log.info("swap finished", extra={"event": "swap_done", "version": report.version,
                                          "from_version": report.from_version, **report.log_fields()})
         if announce:
@@ -237,8 +242,8 @@ class ModelLifecycle:
         if was_staged:
             self.rollouts.staged = None
         report.timings["time_to_flip_s"] = time.perf_counter() - report.started
-        self.metrics.set_active_version(candidate.version, old.version if old else None)
-        self.metrics.model_memory.set(candidate.memory_bytes)
+        self.metrics.active_version(candidate.version, old.version if old else None)
+        self.metrics.memory(candidate.memory_bytes)
         self.last_error = None
         self.held_by_operator = False
         self._state = ModelState.READY
@@ -249,12 +254,13 @@ class ModelLifecycle:
     def _retire(self, old: LoadedModel, report: SwapReport) -> None:
         done = self.holder.retire(old)
         done.record_in(report)
-        self.metrics.swap_phase.labels("drain").observe(done.drain_s)
-        self.metrics.swap_phase.labels("free").observe(done.free_s)
-        self.metrics.swap_freed.set(done.freed_bytes)
+        self.metrics.phase("drain", done.drain_s)
+        self.metrics.phase("free", done.free_s)
+        self.metrics.freed(done.freed_bytes)
         if not done.drained:
             log.warning("drain timed out; the old engine is freed when its last request ends",
-                        extra={"event": "drain_timeout", "version": report.from_version})
+                        extra={"event": "drain_timeout", "model": self.name,
+                                                     "version": report.from_version})
 
     # -- following the registry -------------------------------------------------------------
 
@@ -262,7 +268,7 @@ class ModelLifecycle:
         """Load the registry's current version; if it is refused, fall back to the previous one."""
         state = self.registry.state()
         self.applied_generation = state.generation
-        self.metrics.registry_generation.set(state.generation)
+        self.metrics.generation(state.generation)
         if state.held:
             self.held_by_operator = True
             return None
@@ -298,7 +304,7 @@ class ModelLifecycle:
         state = self.registry.state()
         if state.generation == self.applied_generation:
             return True
-        self.metrics.registry_generation.set(state.generation)
+        self.metrics.generation(state.generation)
         if state.held:
             if self.live is not None:
                 self._unload_local(actor="registry")
@@ -313,7 +319,7 @@ class ModelLifecycle:
         staged = self.holder.candidate
         try:
             with self._swapping(SwapReport(version=target, from_version=self.live_version,
-                                           event="follow_registry"), "registry") as report:
+                                           event="follow_registry", model=self.name), "registry") as report:
                 if staged is not None and staged.version == target:
                     self._go_live(staged, report)
                 else:
@@ -340,7 +346,7 @@ class ModelLifecycle:
         self.registry.record(HistoryEvent.LOAD_RETRY, version=version, actor="server", outcome=exc.outcome,
                              reason=exc.message, pid=os.getpid(), peers_serving=serving)
         log.warning("version refused here but served by peers: retrying, registry left alone",
-                    extra={"event": "local_load_failed", "version": version, "peers": serving,
+                    extra={"event": "local_load_failed", "model": self.name, "version": version, "peers": serving,
                            "reason": exc.message})
         return True
 
@@ -384,9 +390,9 @@ class ModelLifecycle:
         if old is None:
             return {"unloaded": None}
         self._state = ModelState.UNLOADING
-        report = SwapReport(version=old.version, from_version=old.version, event="unload")
-        self.metrics.set_active_version(None, old.version)
-        self.metrics.model_memory.set(0)
+        report = SwapReport(version=old.version, from_version=old.version, event="unload", model=self.name)
+        self.metrics.active_version(None, old.version)
+        self.metrics.memory(0)
         self._retire(old, report)
         self._state = ModelState.NOT_LOADED
         self.publish()

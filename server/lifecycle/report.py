@@ -22,10 +22,12 @@ class SwapReport:
     workers: list[dict[str, Any]] = field(default_factory=list)
     converged: bool | None = None
     watch: dict[str, Any] | None = None
+    model: str = ""  # the named model swapped (the lifecycle's name)
     started: float = field(default_factory=time.perf_counter, repr=False)  # when the swap began
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "model": self.model,
             "watch": self.watch,
             "workers": self.workers,
             "converged": self.converged,
@@ -44,7 +46,7 @@ class SwapReport:
     def log_fields(self) -> dict[str, Any]:
         """The report flattened for one structured log line: outcome, timings and memory figures."""
         data = self.to_json()
-        flat: dict[str, Any] = {}
+        flat: dict[str, Any] = {"model": self.model}
         for key in ("outcome", "reason", "generation", "drained"):
             if data.get(key) not in (None, ""):
                 flat[key] = data[key]

@@ -26,7 +26,7 @@ from server.lifecycle.builder import CandidateBuilder
 from server.lifecycle.holder import LoadedModel, ModelHolder
 from server.lifecycle.report import SwapReport
 from server.lifecycle.swaplock import SwapLock
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.storage.registry import Registry
 
 log = logging.getLogger("voxswap.lifecycle")
@@ -37,7 +37,7 @@ class Rollouts:
     """This worker's part in rollouts: coordinating the ones it was asked for, following the rest."""
 
     def __init__(self, *, registry: Registry, board: WorkerBoard, holder: ModelHolder, builder: CandidateBuilder,
-                 swap_lock: SwapLock, metrics: Metrics, timeout_s: float):
+                 swap_lock: SwapLock, metrics: ModelMetrics, timeout_s: float):
         self.registry = registry
         self.board = board
         self.holder = holder
@@ -110,11 +110,12 @@ class Rollouts:
         self.staged = Staged(rollout.id, rollout.version, "loading")
         self.publish()
         live = self.holder.live
-        report = SwapReport(version=rollout.version, from_version=live.version if live else None, event="stage")
+        report = SwapReport(version=rollout.version, from_version=live.version if live else None, event="stage",
+                            model=self.registry.model)
         try:
             candidate = self.builder.build(rollout.version, report, role="follower")
         except SwapFailed as exc:
-            self.metrics.swaps.labels(exc.outcome).inc()
+            self.metrics.swap(exc.outcome)
             self.staged = Staged(rollout.id, rollout.version, "failed", exc.message, exc.outcome)
             self.publish()
             log.warning("staging refused", extra={"event": "stage_failed", "version": rollout.version,

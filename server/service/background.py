@@ -11,6 +11,7 @@ import os
 import signal
 from contextlib import suppress
 
+from server.lifecycle.policy import ModelLifecycle
 from server.lifecycle.report import SwapReport
 from server.service.context import AppContext
 from server.vocab import HistoryEvent
@@ -19,24 +20,43 @@ log = logging.getLogger("voxswap.app")
 
 
 async def follow_registry(ctx: AppContext) -> None:
-    """Follow state.json (one stat per tick) and rollout.json, so a CLI promote, a peer's rollout or
-    an operator's unload reaches this process."""
+    """Follow every model's state.json (one stat per tick) and rollout.json, so a CLI promote, a
+    peer's rollout or an operator's unload reaches this process; pick up models created since.
+
+    Each model has a follower task of its own: one model's staging (a model-sized build) never
+    delays another's, so peers stage two models' rollouts as concurrently as their coordinator.
+    """
+    following: set[str] = set()
+    async with asyncio.TaskGroup() as group:  # cancelling this task cancels every follower
+        while True:
+            for lifecycle in ctx.models:
+                if lifecycle.name not in following:
+                    following.add(lifecycle.name)
+                    group.create_task(_follow(ctx, lifecycle), name=f"voxswap-follow-{lifecycle.name}")
+            await asyncio.sleep(ctx.settings.watch_interval_s)
+            try:
+                await asyncio.to_thread(ctx.models.discover)
+            except Exception:
+                log.exception("looking for new models failed", extra={"event": "watch_error"})
+
+
+async def _follow(ctx: AppContext, lifecycle: ModelLifecycle) -> None:
     # the first tick always compares generations: a commit may land between this process loading
     # its model and this loop starting, and no later change of state.json would announce it
     last: tuple[int, int, int] | None = None
     pending = True
     while True:
-        await asyncio.sleep(ctx.settings.watch_interval_s)
         try:
-            signature = ctx.registry.state_signature()
+            signature = lifecycle.registry.state_signature()
             if signature != last or pending:
                 last = signature
-                pending = not await asyncio.to_thread(ctx.lifecycle.follow_registry)
-            if ctx.lifecycle.board.rollout_path.exists() or ctx.lifecycle.has_candidate:
-                await asyncio.to_thread(ctx.lifecycle.rollouts.follow)
+                pending = not await asyncio.to_thread(lifecycle.follow_registry)
+            if lifecycle.board.rollout_path.exists() or lifecycle.has_candidate:
+                await asyncio.to_thread(lifecycle.rollouts.follow)
         except Exception:  # the watcher must survive anything one swap does, and try again
             pending = True
-            log.exception("following the registry failed", extra={"event": "watch_error"})
+            log.exception("following the registry failed", extra={"event": "watch_error", "model": lifecycle.name})
+        await asyncio.sleep(ctx.settings.watch_interval_s)
 
 
 async def heartbeat(ctx: AppContext) -> None:
@@ -46,21 +66,28 @@ async def heartbeat(ctx: AppContext) -> None:
     while True:
         try:
             ctx.metrics.refresh_process()
-            await asyncio.to_thread(ctx.lifecycle.publish)
+            await asyncio.to_thread(_publish_all, ctx)
             # apart from the beat, one at a time: a job database that is slow or restarting must
             # neither delay the heartbeat nor pile up threads
             if ctx.jobs is not None and ctx.jobs.store.exists() and (counting is None or counting.done()):
                 counting = asyncio.create_task(_count_jobs(ctx), name="voxswap-job-gauges")
             if beats % 10 == 0:
-                await asyncio.to_thread(ctx.lifecycle.board.sweep)
+                for lifecycle in ctx.models:
+                    await asyncio.to_thread(lifecycle.board.sweep)
         except Exception:
             log.exception("heartbeat failed", extra={"event": "heartbeat_error"})
         # a watch runs in the process that swapped, which is the one a swap pushes over budget:
         # recycling it mid-watch would leave the verdict at "watching" for good
-        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not ctx.lifecycle.watch.running:
+        watching = any(lifecycle.watch.running for lifecycle in ctx.models)
+        if ctx.recycle_reason and not ctx.shutting_down and not ctx.recycling and not watching:
             await asyncio.to_thread(try_recycle, ctx)
         beats += 1
         await asyncio.sleep(ctx.settings.heartbeat_interval_s)
+
+
+def _publish_all(ctx: AppContext) -> None:
+    for lifecycle in ctx.models:
+        lifecycle.publish()
 
 
 async def _count_jobs(ctx: AppContext) -> None:
@@ -117,7 +144,7 @@ def begin_shutdown(ctx: AppContext) -> bool:
     Returns whether peers on the same listening socket cover for this worker (it is being
     recycled), so it can stop accepting at once instead of waiting for a load balancer to notice.
     """
-    ctx.lifecycle.draining = True
+    ctx.models.draining = True
     if ctx.recycling:
         return True  # peers keep this instance ready; only this worker leaves
     if not ctx.shutting_down:
@@ -125,5 +152,5 @@ def begin_shutdown(ctx: AppContext) -> bool:
         log.info("shutdown requested: readiness is 503, still serving",
                  extra={"event": "shutdown_begin", "delay_s": ctx.settings.shutdown_delay_s})
         with suppress(OSError):
-            ctx.lifecycle.publish()
+            _publish_all(ctx)
     return False

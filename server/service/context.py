@@ -11,12 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import IO
 
+from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
 from server.service.jobs import JobRunner
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
+from server.storage.catalog import ModelCatalog
 from server.storage.registry import Registry
 
 
@@ -25,9 +27,9 @@ class AppContext:
     """Everything long-lived that one app owns."""
 
     settings: Settings
-    registry: Registry
+    catalog: ModelCatalog
     metrics: Metrics
-    lifecycle: ModelLifecycle
+    models: ModelSet
     pool: InferencePool
     service: TranscriptionService
     started_at: float = field(default_factory=time.time)
@@ -37,3 +39,13 @@ class AppContext:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recycle_lock: IO[str] | None = None
     jobs: JobRunner | None = None  # batch jobs (server/jobs.py)
+
+    @property
+    def lifecycle(self) -> ModelLifecycle:
+        """The default model's lifecycle (what ``/admin/model/*`` and unnamed requests act on)."""
+        return self.models.default
+
+    @property
+    def registry(self) -> Registry:
+        """The default model's registry: the registry folder's root."""
+        return self.catalog.default_registry

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
@@ -44,7 +45,8 @@ class Transcription:
     language: str | None
     emotion: str | None
     events: list[str]
-    model_version: str
+    model: str  # the named model that answered
+    model_version: str  # the bare version of it (answers name both; NAME@VERSION spells the pair)
     duration_s: float
     processing_ms: float
     segments: list[Segment] = field(default_factory=list)
@@ -57,14 +59,15 @@ class Transcription:
 
 
 class TranscriptionService:
-    def __init__(self, lifecycle: ModelLifecycle, pool: InferencePool, settings: Settings, metrics: Metrics):
-        self.lifecycle = lifecycle
+    def __init__(self, models: ModelSet, pool: InferencePool, settings: Settings, metrics: Metrics):
+        self.models = models
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
 
     async def transcribe(
-        self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None
+        self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None,
+        model: ModelLifecycle | None = None,
     ) -> Transcription:
         """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
 
@@ -74,19 +77,24 @@ class TranscriptionService:
         answer is 503 before a byte is decoded), they compete with inference for the same cores
         rather than beside it, ``inference_timeout_s`` covers both, and a request costs one thread
         hop. A separate decoding pool would add a second queue to size and a second hop.
+
+        ``model`` is the named model to run (the default model's when None), ``version`` a pinned
+        loaded version of it (its live version when None).
         """
-        return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version)
+        return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
+                                   model or self.models.default)
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
         return audio.decode(data, max_seconds=self.settings.max_audio_seconds).samples
 
     def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool,
-                               version: str | None) -> Transcription:
-        return self.transcribe_samples(self.decode(data), language, use_itn, version)
+                               version: str | None, model: ModelLifecycle) -> Transcription:
+        return self.transcribe_samples(self.decode(data), language, use_itn, version, model)
 
     def transcribe_samples(
-        self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None
+        self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None,
+        model: ModelLifecycle | None = None,
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
@@ -94,22 +102,22 @@ class TranscriptionService:
         Only requests feed the post-swap watch: a batch job's minutes of audio are no request
         latency, and counting them would judge a new version by the jobs it happened to get.
         """
-        file = self.file(samples, language=language, use_itn=use_itn, version=version)
+        lifecycle = model or self.models.default
+        file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle)
         try:
             file.run()
         except Exception:
             if file.version is not None:  # a refused lease is no outcome of any version
-                self.lifecycle.stats.record(file.version, ok=False, empty=False, latency_s=file.elapsed_s)
+                lifecycle.stats.record(file.version, ok=False, empty=False, latency_s=file.elapsed_s)
             raise
         result = file.result()
-        self.lifecycle.stats.record(result.model_version, ok=True, empty=not result.text,
-                                    latency_s=file.elapsed_s)
+        lifecycle.stats.record(result.model_version, ok=True, empty=not result.text, latency_s=file.elapsed_s)
         return result
 
     def file(self, samples: NDArray[np.float32], *, language: str, use_itn: bool,
-             version: str | None = None) -> FileTranscription:
+             version: str | None = None, model: ModelLifecycle | None = None) -> FileTranscription:
         """Blocking (it cuts the audio): one file's transcription, to run at the caller's pace."""
-        return FileTranscription(self, samples, language, use_itn, version)
+        return FileTranscription(self, model or self.models.default, samples, language, use_itn, version)
 
 
 class FileTranscription:
@@ -123,9 +131,10 @@ class FileTranscription:
     and it calls :meth:`restart`.
     """
 
-    def __init__(self, service: TranscriptionService, samples: NDArray[np.float32], language: str,
-                 use_itn: bool, version: str | None):
+    def __init__(self, service: TranscriptionService, model: ModelLifecycle, samples: NDArray[np.float32],
+                 language: str, use_itn: bool, version: str | None):
         self._service = service
+        self._model = model
         self._samples = samples
         self._language = language
         self._use_itn = use_itn
@@ -148,7 +157,7 @@ class FileTranscription:
     def run(self, batches: int | None = None) -> None:
         """Blocking: the next ``batches`` batches (all that are left by default) under one lease."""
         todo = self._batches[self._done :][:batches]
-        with self._service.lifecycle.lease(self.version or self._asked) as model:
+        with self._model.lease(self.version or self._asked) as model:
             self.version = model.version
             started = time.perf_counter()
             try:
@@ -174,12 +183,8 @@ class FileTranscription:
         """
         assert self.version is not None and self.finished, "result() of a file not run to its end"
         version, spans, raws, elapsed = self.version, self.spans, self._raws, self.elapsed_s
-        metrics = self._service.metrics
         duration = len(self._samples) / audio.SAMPLE_RATE
-        metrics.inference_duration.labels(version).observe(elapsed)
-        metrics.audio_seconds.labels(version).inc(duration)
-        if duration > 0:
-            metrics.real_time_factor.labels(version).observe(elapsed / duration)
+        self._model.metrics.transcribed(version, inference_s=elapsed, audio_s=duration)
         parsed = [richtext.parse(raw) for raw in raws]
         voiced = [(span, p) for span, p in zip(spans, parsed, strict=True) if p.text]
         segments = [Segment(i, round(span.start_s, 3), round(span.end_s, 3), p.text, p.language,
@@ -188,12 +193,13 @@ class FileTranscription:
         language = _most_common([p.language for p in tagged])
         events = list(dict.fromkeys(e for p in tagged for e in p.events))
         separator = "" if language in ("zh", "yue", "ja") else " "
-        log.debug("transcribed", extra={"event": "transcribed", "version": version,
+        log.debug("transcribed", extra={"event": "transcribed", "model": self._model.name, "version": version,
                                         "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
                                         "segments": len(spans)})
         return Transcription(
             text=separator.join(s.text for s in segments), raw_text=" ".join(raws), language=language,
-            emotion=_most_common([p.emotion for p in tagged]), events=events, model_version=version,
+            emotion=_most_common([p.emotion for p in tagged]), events=events, model=self._model.name,
+            model_version=version,
             duration_s=duration, processing_ms=elapsed * 1000, segments=segments,
         )
 

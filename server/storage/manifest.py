@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import RegistryError, VoxswapError
-from server.vocab import AUDIO_SUFFIXES
+from server.vocab import AUDIO_SUFFIXES, MODEL_ALIASES, PIN_SEPARATOR, ModelKind
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # what a registry may hold (older releases allowed these)
 NEW_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # what may be added from now on
@@ -38,6 +38,7 @@ class Manifest:
     files: list[dict[str, Any]]
     smoke: list[SmokeClip]
     metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = ModelKind.SENSEVOICE  # absent from manifests older releases wrote: all were SenseVoice
 
     @property
     def total_bytes(self) -> int:
@@ -62,6 +63,7 @@ class Manifest:
             files=list(data["files"]),
             smoke=[SmokeClip(**clip) for clip in data.get("smoke", [])],
             metadata=dict(data.get("metadata", {})),
+            kind=str(data.get("kind", ModelKind.SENSEVOICE)),
         )
 
 
@@ -87,8 +89,33 @@ def validate_new_name(name: str) -> str:
     return name
 
 
-def check_model_folder(src: Path) -> None:
-    """The files funasr-onnx needs; checked before anything is copied."""
+def validate_model_name(name: str) -> str:
+    """Model names share one namespace with the request aliases (``default``, ``whisper-1``) and
+    become folder names under ``models/``; an ``@`` would make ``NAME@VERSION`` ambiguous."""
+    if PIN_SEPARATOR in name or not NEW_NAME_RE.fullmatch(name):
+        raise RegistryError(f"invalid model name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - (starting with a "
+                            "letter or digit; never '@')", param="model")
+    if name in MODEL_ALIASES:
+        raise RegistryError(f"{name!r} is an alias of the default model and cannot name a model", param="model")
+    return name
+
+
+def parse_kind(kind: str) -> ModelKind:
+    try:
+        return ModelKind(kind)
+    except ValueError:
+        known = ", ".join(k.value for k in ModelKind)
+        raise RegistryError(f"unknown model kind {kind!r}; known kinds: {known}", param="kind") from None
+
+
+def detect_kind(src: Path) -> ModelKind:
+    """The kind a model folder's files say it is; raises when they fit none."""
+    check_model_folder(src)
+    return ModelKind.SENSEVOICE
+
+
+def check_model_folder(src: Path, kind: ModelKind = ModelKind.SENSEVOICE) -> None:
+    """The files funasr-onnx needs for ``kind``; checked before anything is copied."""
     if not src.is_dir():
         raise RegistryError(f"{src} is not a folder")
     missing = [name for name in SIDE_FILES if not (src / name).is_file()]

@@ -6,7 +6,10 @@ Layout (all under one root folder)::
         manifest.json           name, created_at, source, every file's size and sha256, smoke clips
     state.json                  {"current", "previous", "generation", ...}, replaced atomically
     history.jsonl               append-only: every add, promote, rollback, refusal and removal
-                                (the events are server.vocab.HistoryEvent)
+                                (the events are server.vocab.HistoryEvent), each naming its model
+    model.json                  {"name", "kind"}: written when a named model is created; the
+                                registry root of earlier releases has none (its kind is its
+                                versions')
     .lock                       filelock guarding state.json and history.jsonl
     .staging/<work>[.lock]      where ``add`` builds a version before one rename publishes it, an
                                 upload is unpacked, a removed version is deleted; each folder is
@@ -14,6 +17,10 @@ Layout (all under one root folder)::
 
 The registry is the source of truth shared by the CLI, every server process and every worker: a
 process learns about a promotion by noticing that ``state.json`` changed, never by being told.
+
+One :class:`Registry` is one named model. The root folder is the default model's (the layout of
+earlier releases, read in place); every other model is a registry of the same layout under
+``models/NAME/`` (see :mod:`server.storage.catalog`).
 """
 
 from __future__ import annotations
@@ -56,12 +63,14 @@ from server.storage.manifest import (
     SmokeClip,
     check_clip,
     check_model_folder,
+    detect_kind,
     is_folder_clip,
+    parse_kind,
     relative_files,
     validate_name,
     validate_new_name,
 )
-from server.vocab import HistoryEvent
+from server.vocab import HistoryEvent, ModelKind
 
 ANY_CURRENT: Any = object()  # "no expectation" for compare-and-swap: any current version will do
 
@@ -80,10 +89,14 @@ class RegistryState:
 
 
 class Registry:
-    """Versions on disk. Safe to use from many processes at once: writes go through one file lock."""
+    """The versions of one model on disk. Safe to use from many processes at once: writes go
+    through one file lock."""
 
-    def __init__(self, root: Path, *, lock_timeout_s: float = 30.0):
+    MODEL_FILE = "model.json"
+
+    def __init__(self, root: Path, *, model: str = "sensevoice", lock_timeout_s: float = 30.0):
         self.root = Path(root).absolute()
+        self.model = model
         self.versions_dir = self.root / "versions"
         self.state_path = self.root / "state.json"
         self.history_path = self.root / "history.jsonl"
@@ -105,6 +118,15 @@ class Registry:
 
     def is_empty(self) -> bool:
         return not self.versions_dir.is_dir() or not any(self.versions_dir.iterdir())
+
+    def kind(self) -> ModelKind | None:
+        """What kind of model this is: as created, else as its versions say; None while empty."""
+        try:
+            return parse_kind(json.loads((self.root / self.MODEL_FILE).read_text())["kind"])
+        except FileNotFoundError:
+            pass
+        versions = self.versions()
+        return parse_kind(versions[0].kind) if versions else None
 
     def version_dir(self, name: str) -> Path:
         """The real, immutable path of a version (never a moving symlink: funasr-onnx caches by path)."""
@@ -144,11 +166,12 @@ class Registry:
         return sorted(found, key=lambda m: m.created_at)
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The last ``limit`` events, each naming this model (lines earlier releases wrote do not)."""
         try:
             lines = self.history_path.read_text().splitlines()
         except FileNotFoundError:
             return []
-        events = [json.loads(line) for line in lines if line.strip()]
+        events = [{"model": self.model, **json.loads(line)} for line in lines if line.strip()]
         return events[-limit:] if limit else events
 
     def verify(self, name: str) -> Manifest:
@@ -190,15 +213,26 @@ class Registry:
         source: str | None = None,
         metadata: dict[str, Any] | None = None,
         actor: str = "cli",
+        kind: str | None = None,
     ) -> Manifest:
         """Copy a model folder in as an immutable version. A crash leaves no half version behind.
 
+        The folder's kind is ``kind`` when given (its files are checked for it), else detected from
+        its files; a model holds one kind, so a version of another kind is refused here.
         The copy is built in a folder of ``.staging`` this process owns (see :meth:`work_folder`),
         so a process killed mid-copy leaves nothing that a later :meth:`clean_staging` would spare.
         """
         validate_new_name(name)
         src = Path(src)
-        check_model_folder(src)
+        if kind is None:
+            found = detect_kind(src)
+        else:
+            found = parse_kind(kind)
+            check_model_folder(src, found)
+        held = self.kind()
+        if held is not None and held != found:
+            raise RegistryError(f"model {self.model!r} holds {held} versions; a {found} version cannot be added "
+                                "to it (add it to a model of that kind: --model NAME)", param="kind")
         self.ensure()
         if (self.versions_dir / name).exists():
             raise Conflict(f"version {name!r} already exists; versions are immutable, pick a new name")
@@ -218,6 +252,7 @@ class Registry:
                     files=files,
                     smoke=clips,
                     metadata=metadata or {},
+                    kind=found,
                 )
                 write_json_atomic(staging / MANIFEST, manifest.to_json())
                 make_read_only(staging)
@@ -231,7 +266,7 @@ class Registry:
                     smoke_clips=len(clips))
         return manifest
 
-    def add_archive(self, archive: Path, name: str, *, actor: str = "api") -> Manifest:
+    def add_archive(self, archive: Path, name: str, *, actor: str = "api", kind: str | None = None) -> Manifest:
         """Add a version uploaded as a tar.gz of its folder; a manifest inside must match on arrival.
 
         Only regular files and folders are unpacked, and every path the sent manifest names must
@@ -242,7 +277,7 @@ class Registry:
         with self.work_folder("upload") as unpack:
             version = unpack_version(archive, unpack)
             return self.add(version.folder, name, smoke=version.smoke, source=version.source,
-                            metadata=version.metadata, actor=actor)
+                            metadata=version.metadata, actor=actor, kind=kind)
 
     def work_folder(self, kind: str) -> AbstractContextManager[Path]:
         """A new empty folder under ``.staging``, owned by this process for the block and removed
@@ -353,7 +388,7 @@ class Registry:
             self._append_history(event, **fields)
 
     def _append_history(self, event: HistoryEvent, **fields: Any) -> None:
-        line = json.dumps({"ts": time.time(), "event": event, **fields}, sort_keys=True)
+        line = json.dumps({"ts": time.time(), "event": event, "model": self.model, **fields}, sort_keys=True)
         fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (line + "\n").encode())

@@ -100,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     _registry_arg(add)
     add.add_argument("src", type=Path)
     add.add_argument("--version", required=True)
+    add.add_argument("--kind", help="the model kind (default: detected from the folder's files)")
     add.add_argument("--smoke-audio", type=Path, action="append", default=[])
     add.add_argument("--smoke-text", action="append", default=[])
     add.set_defaults(func=_registry_add)
-    lst = rsub.add_parser("list", help="list versions")
+    lst = rsub.add_parser("list", help="list every model's versions (or one model's, with --model)")
     _registry_arg(lst)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_registry_list)
@@ -139,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
 def _registry_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", type=Path,
                         help="registry folder (default ./model_registry, env VOXSWAP_REGISTRY)")
+    if parser.prog.split()[-2:-1] == ["registry"]:
+        parser.add_argument("--model", help="the named model (default: the default model, env VOXSWAP_DEFAULT_MODEL)")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
@@ -150,10 +153,17 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**overrides)
 
 
-def _registry(args: argparse.Namespace) -> Any:
-    from server.storage.registry import Registry
+def _catalog(args: argparse.Namespace) -> Any:
+    from server.storage.catalog import ModelCatalog
 
-    return Registry(_settings(args).registry)
+    settings = _settings(args)
+    return ModelCatalog(settings.registry, default=settings.default_model)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    """The registry of the model ``--model`` names (the default model without it)."""
+    catalog = _catalog(args)
+    return catalog.registry(getattr(args, "model", None) or catalog.default)
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -216,27 +226,51 @@ def _registry_add(args: argparse.Namespace) -> int:
     if len(args.smoke_audio) != len(args.smoke_text):
         print("error: give one --smoke-text per --smoke-audio", file=sys.stderr)
         return 2
+    from server.storage.manifest import check_model_folder, detect_kind, parse_kind
+
     clips = list(zip(args.smoke_audio, args.smoke_text, strict=True))
-    manifest = _registry(args).add(args.src, args.version, smoke=clips)
-    print(f"added {manifest.name}: {len(manifest.files)} files, {manifest.total_bytes} bytes, "
-          f"{len(manifest.smoke)} smoke clip(s)" + ("" if manifest.smoke else " (no golden clip)"))
+    if args.kind:
+        kind = parse_kind(args.kind)
+        check_model_folder(args.src, kind)
+    else:
+        kind = detect_kind(args.src)
+    registry = _catalog(args).open_or_create(args.model, kind)
+    manifest = registry.add(args.src, args.version, smoke=clips, kind=kind)
+    print(f"added {manifest.name} to model {registry.model} ({manifest.kind}): {len(manifest.files)} files, "
+          f"{manifest.total_bytes} bytes, {len(manifest.smoke)} smoke clip(s)"
+          + ("" if manifest.smoke else " (no golden clip)"))
     return 0
 
 
 def _registry_list(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    state = registry.state()
-    versions = registry.versions()
+    """Every model (or the one ``--model`` names). ``--json`` keeps the default model's ``state`` and
+    ``versions`` at the top, where earlier releases printed them, beside ``models``."""
+    catalog = _catalog(args)
+    names = [args.model] if args.model else catalog.names()
+    models = [_model_listing(catalog.registry(name)) for name in names]
     if args.json:
-        print(json.dumps({"state": state.to_json(), "versions": [m.to_json() for m in versions]}, indent=2))
+        first = models[0]
+        print(json.dumps({"default": catalog.default, "models": models, "state": first["state"],
+                          "versions": first["versions"]}, indent=2))
         return 0
-    for m in versions:
-        mark = "*" if m.name == state.current else ("-" if m.name == state.previous else " ")
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created_at))
-        print(f"{mark} {m.name:<32} {created}  {m.total_bytes / 2**20:9.1f} MiB  "
-              f"smoke clips: {len(m.smoke) or 'none (built-in check)'}")
-    print(f"(* current, - previous; generation {state.generation})")
+    for model in models:
+        state = model["state"]
+        print(f"model {model['name']} ({model['kind'] or 'empty'}), generation {state['generation']}:")
+        for m in model["versions"]:
+            mark = "*" if m["name"] == state["current"] else ("-" if m["name"] == state["previous"] else " ")
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
+            print(f"  {mark} {m['name']:<32} {created}  {m['total_bytes'] / 2**20:9.1f} MiB  "
+                  f"smoke clips: {len(m['smoke']) or 'none (built-in check)'}")
+    print("(* current, - previous)")
     return 0
+
+
+def _model_listing(registry: Any) -> dict[str, Any]:
+    state = registry.state()
+    kind = registry.kind()
+    return {"name": registry.model, "kind": kind and kind.value, "current": state.current,
+            "previous": state.previous, "state": state.to_json(),
+            "versions": [m.to_json() for m in registry.versions()]}
 
 
 def _registry_show(args: argparse.Namespace) -> int:
@@ -254,16 +288,16 @@ def _checked_promote(args: argparse.Namespace, name: str, event: HistoryEvent) -
     """The CLI's promote: the same verify + load + smoke as a server swap, then the pointer."""
     from server.lifecycle.builder import CandidateBuilder
     from server.metrics import Metrics
-    from server.storage.registry import Registry
 
     settings = _settings(args)
-    registry = Registry(settings.registry)
-    report = CandidateBuilder(registry, settings, Metrics()).trial(name, event=event)
+    registry = _registry(args)
+    report = CandidateBuilder(registry, settings, Metrics().for_model(registry.model)).trial(name, event=event)
     state = registry.promote(name, actor="cli", event=event,
                              details={"timings": report.to_json()["timings"]})
     smoke = report.smoke or {}
-    print(f"{event}: {name} is current (generation {state.generation}); smoke: {smoke.get('summary')} "
-          f"passed in {report.timings.get('smoke_s', 0):.2f} s. Running servers follow within a second.")
+    print(f"{event}: {name} is current for model {registry.model} (generation {state.generation}); "
+          f"smoke: {smoke.get('summary')} passed in {report.timings.get('smoke_s', 0):.2f} s. "
+          "Running servers follow within a second.")
     return 0
 
 
@@ -282,7 +316,7 @@ def _registry_remove(args: argparse.Namespace) -> int:
 
 
 def _registry_history(args: argparse.Namespace) -> int:
-    for event in _registry(args).history(args.limit):
+    for event in _catalog(args).history(args.model, args.limit):
         print(json.dumps(event, sort_keys=True))
     return 0
 

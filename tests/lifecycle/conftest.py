@@ -17,7 +17,7 @@ from server.storage.registry import Registry
 @pytest.fixture
 def build(registry: Registry, settings: Settings) -> Callable[[str], LoadedModel]:
     """``build(version)`` -> a verified, loaded, smoke-tested candidate of the registry's version."""
-    builder = CandidateBuilder(registry, settings, Metrics())
+    builder = CandidateBuilder(registry, settings, Metrics().for_model("sensevoice"))
 
     def make(version: str) -> LoadedModel:
         return builder.build(version, SwapReport(version=version, from_version=None, event="test"))

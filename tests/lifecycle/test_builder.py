@@ -29,7 +29,7 @@ def _corrupt(registry: Registry, version: str) -> None:
 def test_a_refused_build_leaves_the_live_engine_untouched_and_reports_the_reason(
     registry: Registry, settings: Settings
 ) -> None:
-    lifecycle = ModelLifecycle(registry, settings, Metrics())
+    lifecycle = ModelLifecycle(registry, settings, Metrics().for_model("sensevoice"))
     lifecycle.load_current()
     try:
         live = lifecycle.live
@@ -57,7 +57,7 @@ def test_a_version_that_fails_its_golden_clip_is_refused_as_smoke_failed(
     registry.add(model_dir("it says something else"), "wrong", smoke=[(clip, "what the golden clip says")])
     report = SwapReport(version="wrong", from_version="a", event="test")
     with pytest.raises(SwapFailed) as refused:
-        CandidateBuilder(registry, settings, Metrics()).build("wrong", report)
+        CandidateBuilder(registry, settings, Metrics().for_model("sensevoice")).build("wrong", report)
     assert refused.value.outcome == "smoke_failed"
     assert report.smoke is not None and report.smoke["passed"] is False
     assert {"verify_s", "load_s", "smoke_s"} <= set(report.timings)
@@ -67,7 +67,7 @@ def test_a_build_that_passes_reports_each_phase_and_the_memory_it_took(
     registry: Registry, settings: Settings
 ) -> None:
     report = SwapReport(version="b", from_version="a", event="test")
-    candidate = CandidateBuilder(registry, settings, Metrics()).build("b", report)
+    candidate = CandidateBuilder(registry, settings, Metrics().for_model("sensevoice")).build("b", report)
     try:
         assert candidate.version == "b" and candidate.smoke.passed
         assert {"verify_s", "load_s", "smoke_s"} <= set(report.timings)

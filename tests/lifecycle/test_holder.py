@@ -100,7 +100,7 @@ def test_retiring_a_model_gives_its_memory_back(
 ) -> None:
     """What a swap reports as freed is the resident memory the old engine really held."""
     registry.add(model_dir("a big model", weights_mb=64), "big")
-    builder = CandidateBuilder(registry, settings, Metrics())
+    builder = CandidateBuilder(registry, settings, Metrics().for_model("sensevoice"))
     holder = _holder()
     holder.flip(builder.build("big", SwapReport(version="big", from_version=None, event="test")))
     old = holder.flip(build("a"))

@@ -24,8 +24,8 @@ from server.storage.registry import Registry
 @pytest.fixture
 def pair(registry: Registry, make_settings: Callable[..., Settings]) -> Iterator[tuple[ModelLifecycle, ModelLifecycle]]:
     settings = make_settings(fault_injection=True, rollout_timeout_s=20)
-    coordinator = ModelLifecycle(registry, settings, Metrics())
-    follower = ModelLifecycle(registry, settings, Metrics())
+    coordinator = ModelLifecycle(registry, settings, Metrics().for_model("sensevoice"))
+    follower = ModelLifecycle(registry, settings, Metrics().for_model("sensevoice"))
     for lifecycle in (coordinator, follower):
         lifecycle.load_current()
         lifecycle.publish()

@@ -1,0 +1,78 @@
+"""The shapes of what a process serves: every named model's state, and the system status that
+holds them. Built on the smaller shapes of :mod:`server.http.schemas` (workers, rollouts,
+watches, smoke reports)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from server.http.schemas import Closed, JobQueueStatus, Rollout, SmokeReport, Watch, Worker
+
+
+class ModelStatus(Closed):
+    """One named model in the process that answered: its lifecycle, pointer, memory and peers."""
+
+    name: str
+    kind: str | None = Field(description="sensevoice, ...; null for a model with no version yet")
+    default: bool = Field(description="The default model: unnamed requests and /admin/model/* use it")
+    ready: bool
+    reason: str
+    state: str = Field(description="not_loaded, loading, ready, swapping or unloading")
+    live_version: str | None
+    previous_version: str | None
+    registry_current: str | None
+    registry_generation: int
+    held: bool = Field(description="Unloaded by an operator: every process stays unloaded until load")
+    swapping: bool
+    last_error: str | None
+    in_flight: int
+    model_memory_bytes: int = Field(description="Resident memory the live version added when it loaded")
+    model_path: str | None
+    model_file: str | None
+    device: str
+    providers: list[str]
+    generated: bool = Field(description="The live version is a generated stand-in (make-test-model, the seeded "
+                                        "demo), not real speech recognition")
+    smoke: SmokeReport | None
+    versions: list[str] = Field(description="Every version the registry holds, oldest first")
+    loaded_versions: list[str] = Field(description="Versions loaded here (the live one, a staged candidate)")
+    workers: list[Worker] = Field(description="Every worker's heartbeat for this model")
+    rollout: Rollout | None
+    watch: Watch | None
+
+
+class ModelsAnswer(Closed):
+    default: str = Field(description="The default model's name")
+    models: list[ModelStatus] = Field(description="The default model first, then the others by name")
+
+
+class SystemStatus(Closed):
+    ready: bool
+    reason: str
+    state: str = Field(description="The default model's state, or shutting_down")
+    model_loaded: bool
+    model_version: str | None
+    model_path: str | None
+    model_file: str | None
+    device: str
+    providers: list[str]
+    model_memory_bytes: int = Field(description="The default model's")
+    smoke: SmokeReport | None
+    previous_version: str | None
+    registry_current: str | None
+    registry_generation: int
+    swapping: bool
+    last_error: str | None
+    in_flight: int
+    queued: int
+    resident_memory_bytes: int = Field(description="The whole process, every model included")
+    pid: int
+    uptime_s: float
+    registry: str
+    workers: list[Worker]
+    rollout: Rollout | None
+    watch: Watch | None
+    jobs: JobQueueStatus | None = Field(None, description="This process's job queue; counts are null until first read")
+    model: str = Field(description="The default model, which the model fields above describe")
+    models: list[ModelStatus] = Field(description="Every named model this process serves, the default first")
+    models_memory_bytes: int = Field(description="What every model's live version added when it loaded")
