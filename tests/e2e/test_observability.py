@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from server.metrics import SWAP_OUTCOMES, SWAP_PHASES
+from server.settings import Settings
 from server.storage.registry import Registry
 from testkit.harness import LoadGenerator, wait_until
 from testkit.prometheus import (
@@ -30,6 +31,7 @@ from testkit.prometheus import (
     ALERT_TESTS,
     DASHBOARD,
     GRAFANA_PROVISIONING,
+    GRAFANA_VARIABLE,
     PROMETHEUS,
     PROMETHEUS_CONFIG,
     PROMTOOL,
@@ -63,11 +65,52 @@ needs_prometheus = pytest.mark.skipif(
 MAY_BE_EMPTY = {"Rejected requests by reason"}
 # Per-window swap means are 0/0 (NaN) once the swap is older than the window.
 MAY_BE_NAN = {"Swap phase durations"}
+# The name of the model the registry folder itself holds: the one a single-model server serves.
+DEFAULT_MODEL: str = Settings.model_fields["default_model"].default
+# The families that carry a `model` label, and their labels (`le` and gunicorn's `pid` aside): the
+# dashboard filters each by $model, and the alerts about models keep the label. A family that gains
+# or loses the label must be handled in grafana/ and deploy/prometheus/ too.
+PER_MODEL_LABELS: dict[str, set[str]] = {
+    "voxswap_requests_total": {"route", "status", "model", "version"},
+    "voxswap_request_duration_seconds": {"route", "model", "version"},
+    "voxswap_inference_duration_seconds": {"model", "version"},
+    "voxswap_audio_seconds_total": {"model", "version"},
+    "voxswap_real_time_factor": {"model", "version"},
+    "voxswap_model_active": {"model", "version"},
+    "voxswap_model_loaded": {"model"},
+    "voxswap_swaps_total": {"model", "outcome"},
+    "voxswap_swap_phase_duration_seconds": {"model", "phase"},
+    "voxswap_model_load_duration_seconds": {"model"},
+    "voxswap_model_memory_bytes": {"model"},
+    "voxswap_swap_freed_memory_bytes": {"model"},
+    "voxswap_registry_generation": {"model"},
+}
+# a per-model family named in PromQL, a histogram by any of its series
+PER_MODEL_METRIC = re.compile(
+    r"\b(?:" + "|".join(sorted(PER_MODEL_LABELS, key=len, reverse=True)) + r")(?:_bucket|_sum|_count)?\b")
 
 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
     return subprocess.run([PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def samples(exposition: str) -> dict[str, list[dict[str, str]]]:
+    """The label sets of every sample in an exposition, by family name (``_total`` kept on counters).
+
+    The text format writes a counter's or histogram's ``X_created`` as a gauge family of its own,
+    after ``X``'s: its samples count as ``X``'s.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(exposition):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        if name.endswith("_created"):
+            base = name.removesuffix("_created")
+            name = next((n for n in (base + "_total", base) if n in found), name)
+        found.setdefault(name, []).extend(dict(sample.labels) for sample in family.samples)
+    return found
 
 
 # -- the files ------------------------------------------------------------------------------------
@@ -119,8 +162,21 @@ def test_the_servers_metrics_pass_promtool_lint(live_server: tuple[str, FastAPI]
 
 
 def test_every_metric_the_dashboard_and_alerts_name_is_one_the_server_exports(
-        live_server: tuple[str, FastAPI], speech_wav: bytes) -> None:
-    exported = exported_names(_exercised_metrics(live_server, speech_wav))
+        live_server: tuple[str, FastAPI], settings: Settings, speech_wav: bytes) -> None:
+    exposition = _exercised_metrics(live_server, speech_wav)
+    exported = exported_names(exposition)
+    # the per-model families carry exactly the labels the dashboard and alerts group by, named for
+    # the one model this server serves ("none": a request no model answered), and no other family
+    # has a model label
+    by_family = samples(exposition)
+    for name, labels in PER_MODEL_LABELS.items():
+        assert by_family.get(name), f"{name}: no samples after a transcription and a swap"
+        for sample in by_family[name]:
+            assert set(sample) - {"le", "pid"} == labels, (name, sample)
+        assert {s["model"] for s in by_family[name]} - {"none"} == {settings.default_model}, name
+    unexpected = {name for name, label_sets in by_family.items() if name not in PER_MODEL_LABELS
+                  and any("model" in labels for labels in label_sets)}
+    assert not unexpected, f"families with a model label the dashboard does not filter by $model: {unexpected}"
     texts = {"dashboard": DASHBOARD.read_text(), "alerts": ALERT_RULES.read_text()}
     for source, text in texts.items():
         named = set(re.findall(r"\bvoxswap_[a-z_]+\b", text))
@@ -134,7 +190,17 @@ def test_the_dashboard_is_a_well_formed_grafana_dashboard() -> None:
     assert dashboard["uid"] == "voxswap" and 36 <= dashboard["schemaVersion"] <= 41
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
+    for name in ("instance", "model"):
+        assert variables[name]["multi"] and variables[name]["includeAll"], name
+        # "All" must match every value, also model="none" (requests no model answered)
+        assert variables[name]["allValue"] == ".+", name
+    # Grafana resolves variables in order: each may use only those before it ($model lists the
+    # models of the chosen instances)
+    names = list(variables)
+    for name, _, expr in variable_queries(dashboard):
+        used = {m[1] or m[2] for m in GRAFANA_VARIABLE.finditer(expr)}
+        assert used <= set(names[:names.index(name)]), f"variable {name} uses {used}"
+    assert [label for _, label, _ in variable_queries(dashboard)] == ["job", "instance", "model"]
     panels = list(all_panels(dashboard))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -161,6 +227,20 @@ def test_the_dashboard_is_a_well_formed_grafana_dashboard() -> None:
             assert window in ("$__rate_interval", "$__interval", "$__range"), f"{query.source}: [{window}]"
         if "voxswap_" in query.expr:
             assert 'instance=~"$instance"' in query.expr, query.source
+        # every selector of a per-model family follows $model, and a split by version is a split
+        # by model and version: versions of two models may share a name
+        for selector in PER_MODEL_METRIC.finditer(query.expr):
+            assert query.expr[selector.end():].startswith("{") and \
+                'model=~"$model"' in query.expr[selector.end():].split("}", 1)[0], \
+                f"{query.source}: {selector[0]} not filtered by $model"
+        for grouping in re.findall(r"\bby \(([^)]*)\)", query.expr):
+            labels = {label.strip() for label in grouping.split(",")}
+            assert "version" not in labels or "model" in labels, f"{query.source}: by ({grouping})"
+    for panel in panels:
+        for target in panel.get("targets", []):
+            legend = target.get("legendFormat", "")
+            if "{{version}}" in legend:
+                assert "{{model}}@{{version}}" in legend, f"{panel['title']}: {legend!r}"
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_a_prometheus() -> None:
@@ -171,12 +251,16 @@ def test_grafana_provisioning_points_at_the_dashboard_and_a_prometheus() -> None
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
-def test_a_fresh_server_exports_every_swap_outcome_phase_and_rejection_reason(client: TestClient) -> None:
+def test_a_fresh_server_exports_every_swap_outcome_phase_and_rejection_reason(
+        client: TestClient, settings: Settings) -> None:
     text = client.get("/metrics").text
-    for outcome in SWAP_OUTCOMES:
-        assert f'voxswap_swaps_total{{outcome="{outcome}"}}' in text
-    for phase in SWAP_PHASES:
-        assert f'voxswap_swap_phase_duration_seconds_count{{phase="{phase}"}}' in text
+    by_family = samples(text)
+    model = settings.default_model
+    # per model: the first refused swap of any model must be visible to increase() (VoxswapSwapFailed)
+    swaps = {(s["model"], s["outcome"]) for s in by_family["voxswap_swaps_total"]}
+    assert {(model, outcome) for outcome in SWAP_OUTCOMES} <= swaps, swaps
+    phases = {(s["model"], s["phase"]) for s in by_family["voxswap_swap_phase_duration_seconds"]}
+    assert {(model, phase) for phase in SWAP_PHASES} <= phases, phases
     for reason in ("overloaded", "timeout", "too_large"):
         assert f'voxswap_rejected_requests_total{{reason="{reason}"}}' in text
     for outcome in ("completed", "failed", "cancelled"):
@@ -194,6 +278,7 @@ class Voxswap:
     url: str
     target: str  # host:port, Prometheus' `instance` label
     workers: int
+    model: str  # the one model it serves: the registry folder's own, the default model
 
 
 @dataclass
@@ -224,7 +309,7 @@ def voxswap(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Callable[
     log = tmp_path / "voxswap.log"
     # one onnxruntime thread: the test machine's cores are shared with Prometheus and the load;
     # no load balancer watches readiness here, so stop at once on SIGTERM
-    env = {"VOXSWAP_INTRA_OP_THREADS": "1", "VOXSWAP_SHUTDOWN_DELAY_S": "0"}
+    env = {"VOXSWAP_INTRA_OP_THREADS": "1", "VOXSWAP_SHUTDOWN_DELAY_S": "0", "VOXSWAP_DEFAULT_MODEL": DEFAULT_MODEL}
     with running(cmd, log, env=env) as proc:
         url = f"http://127.0.0.1:{port}"
 
@@ -233,7 +318,7 @@ def voxswap(request: pytest.FixtureRequest, tmp_path: Path, model_dir: Callable[
             return httpx.get(f"{url}/health", timeout=2).status_code == 200
 
         wait_until(healthy, timeout_s=60, interval_s=0.1, message="voxswap to serve")
-        yield Voxswap(url, f"127.0.0.1:{port}", workers)
+        yield Voxswap(url, f"127.0.0.1:{port}", workers, DEFAULT_MODEL)
 
 
 @pytest.fixture
@@ -277,23 +362,27 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
         voxswap: Voxswap, prometheus: Prometheus, speech_wav: bytes) -> None:
     api = prometheus.api
     dashboard = load_dashboard()
-    # what Grafana would send with this instance selected and a 1 s scrape interval
-    values = {"job": "voxswap", "instance": voxswap.target, "__rate_interval": "5s", "__interval": "1s",
-              "__range": "5m"}
+    # what Grafana would send with this instance and its model selected and a 1 s scrape interval
+    model = voxswap.model
+    values = {"job": "voxswap", "instance": voxswap.target, "model": model, "__rate_interval": "5s",
+              "__interval": "1s", "__range": "5m"}
     with LoadGenerator(voxswap.url, speech_wav, concurrency=2, pause_s=0.02) as load:
-        wait_until(lambda: api.query('rate(voxswap_requests_total{status="200", version="a"}[5s]) > 0'),
-                   timeout_s=30, interval_s=0.2, message="Prometheus to see traffic on version a")
+        wait_until(lambda: api.query(f'rate(voxswap_requests_total{{status="200", model="{model}", version="a"}}[5s])'
+                                     ' > 0'),
+                   timeout_s=30, interval_s=0.2, message=f"Prometheus to see traffic on {model}@a")
         swap = httpx.post(f"{voxswap.url}/admin/model/update", json={"version": "b"}, headers=AUTH, timeout=60)
         assert swap.status_code == 200 and swap.json()["version"] == "b", swap.text
         refused = httpx.post(f"{voxswap.url}/admin/model/update", json={"version": "broken"}, headers=AUTH,
                              timeout=60)
         assert refused.status_code == 422, refused.text
         assert refused.json()["error"]["report"]["outcome"] == "load_failed"
-        on_b = f'count(voxswap_model_active{{version="b"}} == 1) == {voxswap.workers}'  # every worker
+        # every worker
+        on_b = f'count(voxswap_model_active{{model="{model}", version="b"}} == 1) == {voxswap.workers}'
         wait_until(lambda: api.query(on_b)
-                   and api.query('rate(voxswap_inference_duration_seconds_count{version="b"}[5s]) > 0')
-                   and api.query('voxswap_swaps_total{outcome="load_failed"}'),
-                   timeout_s=30, interval_s=0.2, message="Prometheus to see version b serve and the refusal")
+                   and api.query(f'rate(voxswap_inference_duration_seconds_count{{model="{model}", version="b"}}[5s])'
+                                 ' > 0')
+                   and api.query(f'voxswap_swaps_total{{model="{model}", outcome="load_failed"}}'),
+                   timeout_s=30, interval_s=0.2, message=f"Prometheus to see {model}@b serve and the refusal")
         # the refused swap fires its alert (the first failure creates its series, so this also
         # proves the rule sees a counter's first sample)
         firing = wait_until(lambda: _firing(api, "VoxswapSwapFailed"), timeout_s=30, interval_s=0.2,
@@ -301,6 +390,7 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
 
         errors: list[str] = []
         empty: list[str] = []
+        other_models: list[str] = []
         finite_panels: set[str | None] = set()
         by_panel: dict[str | None, list[dict[str, Any]]] = {}
         for query in panel_queries(dashboard):
@@ -310,6 +400,9 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
                 errors.append(error)
             elif not result and query.panel not in MAY_BE_EMPTY:
                 empty.append(query.source)
+            # $model selects: a series that keeps the label names the selected model
+            other_models += [f"{query.source}: {series['metric']}" for series in result
+                             if series["metric"].get("model", model) != model]
             if has_finite_value(result):
                 finite_panels.add(query.panel)
         not_finite = {q.panel for q in panel_queries(dashboard)} - finite_panels - MAY_BE_EMPTY - MAY_BE_NAN
@@ -339,18 +432,21 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert not errors, "queries Prometheus refused:\n" + "\n".join(errors)
     assert not empty, f"queries with no data after traffic and swaps: {empty}"
+    assert not other_models, f"series of models other than the selected {model!r}: {other_models}"
     assert not not_finite, f"panels with no finite value: {not_finite}"
     # every worker loaded a at start and swapped to b; a staged version is built by each worker,
     # so one or more of them refused broken
-    swaps = {s["metric"]["outcome"]: float(s["value"][1]) for s in by_panel["Swaps in the time range"]
-             if float(s["value"][1]) > 0}
-    assert swaps.keys() == {"success", "load_failed"}, swaps
-    assert swaps["success"] == 2 * voxswap.workers and 1 <= swaps["load_failed"] <= voxswap.workers, swaps
+    swaps = {(s["metric"]["model"], s["metric"]["outcome"]): float(s["value"][1])
+             for s in by_panel["Swaps in the time range"] if float(s["value"][1]) > 0}
+    assert swaps.keys() == {(model, "success"), (model, "load_failed")}, swaps
+    assert swaps[model, "success"] == 2 * voxswap.workers and 1 <= swaps[model, "load_failed"] <= voxswap.workers, \
+        swaps
     assert {r["name"] for r in rules} == {rule["alert"] for rule in alert_rules()}
     unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
     assert not unhealthy, unhealthy
-    assert [(a["labels"]["instance"], a["labels"]["outcome"]) for a in firing] == \
-        [(voxswap.target, "load_failed")]
+    # one alert, naming the instance, the model and what refused the version
+    assert [(a["labels"]["instance"], a["labels"]["model"], a["labels"]["outcome"]) for a in firing] == \
+        [(voxswap.target, model, "load_failed")]
     # a healthy server under load, with one good and one refused swap, raises nothing else
     assert pending_or_firing == {"VoxswapSwapFailed"}
 
