@@ -281,10 +281,12 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         from prometheus_client import multiprocess
 
         from server.lifecycle.board import WorkerBoard
-        from server.storage.registry import Registry
+        from server.storage.catalog import ModelCatalog
 
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
-        WorkerBoard(Registry(settings.registry)).withdraw_pid(worker.pid)
+        catalog = ModelCatalog(settings.registry, default=settings.default_model)
+        for name in catalog.names():  # a worker publishes a heartbeat on every model's board
+            WorkerBoard(catalog.registry(name)).withdraw_pid(worker.pid)
 
     def on_exit(server: Any) -> None:
         path = os.environ.get(METRICS_DIR_ENV)
