@@ -96,6 +96,9 @@ class Rollouts:
             if rollout is None and candidate is not None and not self.swap_lock.held \
                     and self.registry.state().current != candidate.version:
                 self.discard()  # the coordinator went away without committing
+            elif rollout is None and candidate is None and self.staged is not None and not self.swap_lock.held:
+                self.staged = None  # a refusal of a rollout that is over: the heartbeat stops showing it
+                self.publish()
             return
         if rollout.phase == "aborted" and self.staged and self.staged.rollout_id == rollout.id:
             self.discard()

@@ -51,7 +51,7 @@ async def _follow(ctx: AppContext, lifecycle: ModelLifecycle) -> None:
             if signature != last or pending:
                 last = signature
                 pending = not await asyncio.to_thread(lifecycle.follow_registry)
-            if lifecycle.board.rollout_path.exists() or lifecycle.has_candidate:
+            if lifecycle.board.rollout_path.exists() or lifecycle.has_candidate or lifecycle.rollouts.staged:
                 await asyncio.to_thread(lifecycle.rollouts.follow)
         except Exception:  # the watcher must survive anything one swap does, and try again
             pending = True
