@@ -1,5 +1,7 @@
 // voxswap operator page: plain JS, no build step, no third-party code (servers may be offline).
 // Everything shown comes from the public API; server text is always set with textContent.
+// The server serves several named models; the page shows one card per model, each with its own
+// state, versions, history and controls (the /admin/models/{model}/... routes).
 "use strict";
 
 (() => {
@@ -9,10 +11,13 @@
   const READ_TIMEOUT_MS = 8000; // a poll that hangs longer means the server is not answering
   const HISTORY_LIMIT = 20;
   const TOKEN_KEY = "voxswap.adminToken";
+  const PIN = "@"; // NAME@VERSION: how the server names one version of one model
 
   const $ = (id) => document.getElementById(id);
-  const view = { status: null, statusHidden: false, versions: null, history: null, jobs: null, busy: null, picked: false,
-    vocab: null };
+  // admin: model name -> { versions, history }, read with the admin token
+  const view = { status: null, statusHidden: false, everAnswered: false, admin: new Map(), jobs: null, vocab: null };
+  const cards = new Map(); // model name -> its card (see makeCard)
+  let cardCount = 0; // ids of a card's elements: model-N-..., never the model's name
 
   // -- small helpers --------------------------------------------------------------------------
 
@@ -45,6 +50,14 @@
     return `${s.toFixed(s < 10 ? 2 : 1)} s`;
   }
 
+  function duration(s) {
+    if (s === null || s === undefined) return "—";
+    if (s < 60) return `${Math.floor(s)} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+  }
+
   function pad(n) { return String(n).padStart(2, "0"); }
 
   function when(ts) {
@@ -54,9 +67,23 @@
     return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${time.slice(0, 5)}`;
   }
 
+  // One version of one model, as the server spells it; null for no version.
+  function pinned(model, version) {
+    if (version === null || version === undefined || version === "") return null;
+    return model ? `${model}${PIN}${version}` : String(version);
+  }
+
   function badge(text, kind) { return h("span", { class: `badge ${kind || ""}`.trim(), text }); }
 
   function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+  function modelPath(name, rest) { return `/admin/models/${encodeURIComponent(name)}${rest}`; }
+
+  function models() { return view.status && Array.isArray(view.status.models) ? view.status.models : []; }
+
+  function modelNamed(name) { return models().find((m) => m.name === name) || null; }
+
+  const GENERATED_NOTE = "Generated stand-in — not real speech recognition";
 
   // -- the API ----------------------------------------------------------------------------------
 
@@ -124,52 +151,190 @@
     for (const el of document.querySelectorAll("[data-unlocked]")) el.hidden = !unlocked;
   }
 
+  function showResult(box, kind, title, detail) {
+    box.dataset.kind = kind;
+    box.replaceChildren(...[
+      h("strong", { class: "result-title", text: title }),
+      detail ? h("span", { class: "result-detail", text: detail }) : null,
+      kind === "pending" ? null : h("time", { class: "result-time", text: when(Date.now() / 1000) }),
+    ].filter(Boolean));
+  }
+
+  function tokenResult(kind, title, detail) { showResult($("token-result"), kind, title, detail); }
+
   async function unlock(event) {
     event.preventDefault();
     const candidate = $("token").value.trim();
     if (!candidate) return;
     $("token-submit").disabled = true;
-    const r = await api("/admin/model/versions", { withToken: candidate });
+    const r = await api("/admin/models", { withToken: candidate });
     $("token-submit").disabled = false;
     if (!r.ok) {
-      showResult("error", "The admin token was not accepted", r.message);
+      tokenResult("error", "The admin token was not accepted", r.message);
       return;
     }
     sessionStorage.setItem(TOKEN_KEY, candidate);
     $("token").value = "";
-    view.versions = r.data;
-    showResult("ok", "Admin controls unlocked", "The token is kept in this tab only.");
+    view.admin = new Map();
+    tokenResult("ok", "Admin controls unlocked", "The token is kept in this tab only.");
     renderLock();
     refreshNow();
   }
 
   function forget(message) {
     sessionStorage.removeItem(TOKEN_KEY);
-    view.versions = null;
-    view.history = null;
+    view.admin = new Map();
     renderLock();
-    renderVersions();
-    renderControls();
-    if (message) showResult("error", "Admin controls locked again", message);
+    for (const card of cards.values()) { renderVersions(card); renderControls(card); }
+    if (message) tokenResult("error", "Admin controls locked again", message);
   }
 
-  // -- status -------------------------------------------------------------------------------
+  // -- the server ------------------------------------------------------------------------------
 
   const STATE_LABELS = {
     ready: "loaded", not_loaded: "not loaded", loading: "loading", swapping: "swapping",
     unloading: "unloading", shutting_down: "shutting down",
   };
 
-  function hint(s) {
-    switch (s.state) {
-      case "shutting_down": return "The server is shutting down — requests are refused until it is back.";
-      case "loading": return "A model is loading — requests get 503 until it passes its smoke test.";
+  function renderServer() {
+    const s = view.status;
+    const state = $("state");
+    const reason = $("reason");
+    reason.hidden = true;
+    if (!s) {
+      const hidden = view.statusHidden;
+      state.textContent = hidden ? "private" : "unreachable";
+      state.dataset.state = hidden ? "private" : "offline";
+      $("hint").textContent = !hidden ? "The server cannot be reached — it may be restarting. Retrying…"
+        : token() ? "This server keeps its status private, and does not show it for this token."
+          : "This server keeps its status private: enter the admin token to see it.";
+      document.title = `voxswap · ${state.textContent}`;
+      return;
+    }
+    const all = models();
+    const shutting = s.state === "shutting_down";
+    state.textContent = shutting ? "shutting down" : s.ready ? "ready" : "not ready";
+    state.dataset.state = shutting ? "shutting_down" : s.ready ? "ready" : "not_loaded";
+    const live = all.map((m) => pinned(m.name, m.live_version)).filter(Boolean);
+    $("hint").textContent = shutting ? "The server is shutting down — requests are refused until it is back."
+      : live.length ? `Serving ${all.length === 1 ? "one model" : `${all.length} models`}: ${live.join(", ")}.`
+        : "No model is loaded.";
+    reason.hidden = s.ready || shutting || !s.reason;
+    reason.textContent = reason.hidden ? "" : `Not ready: ${s.reason}`;
+    $("rss").textContent = bytes(s.resident_memory_bytes);
+    $("models-memory").textContent = bytes(s.models_memory_bytes ?? s.model_memory_bytes);
+    const inFlight = all.length ? all.reduce((n, m) => n + (m.in_flight || 0), 0) : s.in_flight;
+    $("in-flight").textContent = s.queued ? `${inFlight} (${s.queued} queued)` : String(inFlight);
+    $("uptime").textContent = duration(s.uptime_s);
+    document.title = `voxswap · ${live.join(", ") || "no model"} · ${state.textContent}`;
+  }
+
+  // -- one card per model --------------------------------------------------------------------------
+
+  const ACTIONS = [
+    ["update", "Update"], ["rollback", "Roll back"], ["reload", "Reload"], ["unload", "Unload"], ["load", "Load"],
+  ];
+
+  // Built once per model and updated in place, so a choice, a focus or a pending action survives polls.
+  function makeCard(name) {
+    cardCount += 1;
+    const id = `model-${cardCount}`;
+    const card = { name, id, busy: null, picked: false };
+    const fact = (term, key, cls) => {
+      card[key] = h("dd", { class: cls || null, text: "—" });
+      return h("div", { class: key === "smoke" ? "wide" : null }, h("dt", { text: term }), card[key]);
+    };
+    card.title = h("h2", { id: `${id}-title`, class: "model-name", text: name });
+    card.kind = h("span", { class: "badge", title: "model kind" });
+    card.isDefault = badge("default", "info");
+    card.generatedBadge = badge("generated", "warn");
+    card.state = h("span", { class: "state", role: "status", "aria-label": `State of ${name}`, "data-state": "unknown",
+      text: "…" });
+    card.generated = h("p", { class: "generated-note", role: "note", hidden: true },
+      h("strong", { text: GENERATED_NOTE }),
+      h("span", { text: ": the live version was generated (voxswap make-test-model, or the seeded demo) and "
+        + "answers every clip with the same fixed text." }));
+    card.hint = h("p", { class: "hint" });
+    card.reason = h("p", { class: "reason", hidden: true });
+    card.workers = h("tbody");
+    card.workersBox = h("div", { hidden: true },
+      h("h3", { text: "Workers" }),
+      h("div", { class: "table-wrap" }, h("table", { class: "table", "aria-label": `Workers of ${name}` },
+        h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "PID" }), h("th", { scope: "col", text: "Version" }),
+          h("th", { scope: "col", text: "State" }), h("th", { scope: "col", class: "num", text: "In flight" }),
+          h("th", { scope: "col", class: "num", text: "Memory" }))),
+        card.workers)));
+
+    card.select = h("select", { id: `${id}-update-version` });
+    card.buttons = {};
+    card.whys = {};
+    card.whyAll = h("p", { class: "why why-all", id: `${id}-why-all` });
+    const actions = ACTIONS.map(([action, text]) => {
+      card.whys[action] = h("p", { class: "why", id: `${id}-why-${action}` });
+      card.buttons[action] = h("button", { type: "button", class: { update: "primary", unload: "danger" }[action] || null,
+        "aria-describedby": `${id}-why-${action} ${id}-why-all`, text });
+      card.buttons[action].addEventListener("click", () => act(card, action));
+      if (action === "update") {
+        return h("div", { class: "action update" },
+          h("label", { for: card.select.id, text: "Update to version" }),
+          h("div", { class: "row" }, card.select, card.buttons[action]),
+          card.whys[action]);
+      }
+      return h("div", { class: "action" }, card.buttons[action], card.whys[action]);
+    });
+    card.select.addEventListener("change", () => { card.picked = true; renderControls(card); });
+    card.result = h("div", { class: "result", role: "status", "aria-live": "polite", "aria-label": "Action result" });
+
+    card.versions = h("tbody");
+    card.history = h("ol", { class: "history", "data-unlocked": true, hidden: !token(),
+      "aria-label": `Recent events of ${name}, newest first` });
+    const locked = Boolean(token());
+    card.root = h("section", { class: "card model-card", "aria-label": `Model ${name}`, "data-model": name },
+      h("div", { class: "card-head" },
+        h("div", { class: "model-head" }, card.title, card.kind, card.isDefault, card.generatedBadge),
+        card.state),
+      card.generated,
+      card.hint,
+      card.reason,
+      h("dl", { class: "facts" },
+        fact("Live version", "live", "version"),
+        fact("Previous", "previous", "version"),
+        fact("Model memory", "memory"),
+        fact("Device", "device"),
+        fact("In flight", "inFlight"),
+        fact("Versions", "versionCount"),
+        fact("Smoke test", "smoke")),
+      card.workersBox,
+      h("h3", { text: "Controls" }),
+      h("div", { class: "actions" }, actions),
+      card.whyAll,
+      card.result,
+      h("h3", { text: "Versions" }),
+      h("p", { class: "muted locked-note", "data-locked": true, hidden: locked,
+        text: "Enter the admin token to list this model's versions." }),
+      h("div", { class: "table-wrap", "data-unlocked": true, hidden: !locked },
+        h("table", { class: "table versions-table", "aria-label": `Versions of ${name}` },
+          h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Version" }), h("th", { scope: "col", text: "Added" }),
+            h("th", { scope: "col", class: "num", text: "Size" }), h("th", { scope: "col", text: "Smoke test" }),
+            h("th", { scope: "col", text: "Role" }))),
+          card.versions)),
+      h("h3", { text: "Recent history" }),
+      h("p", { class: "muted locked-note", "data-locked": true, hidden: locked,
+        text: "Enter the admin token to see this model's promotions, rollbacks and refusals." }),
+      card.history);
+    return card;
+  }
+
+  function hint(m) {
+    const live = pinned(m.name, m.live_version);
+    switch (m.state) {
+      case "loading": return `Loading — requests for ${m.name} get 503 until it passes its smoke test.`;
       case "swapping":
-        return `Swapping versions — ${s.model_version || "the old version"} keeps serving until the new one passes its smoke test.`;
+        return `Swapping versions — ${live || "the old version"} keeps serving until the new one passes its smoke test.`;
       case "unloading": return "Unloading — waiting for requests in flight, then freeing the memory.";
-      case "ready": return `Serving requests with version ${s.model_version}.`;
+      case "ready": return `Serving requests with ${live}.`;
       default:
-        if (!s.registry_current) return "No version is current — choose one under “Update to version” and press Update.";
+        if (!m.registry_current) return "No version is current — choose one under “Update to version” and press Update.";
         return "No model loaded — press Load.";
     }
   }
@@ -183,51 +348,81 @@
     return `passed · ${kind} · ${passed}/${clips.length} in ${seconds(smoke.duration_s)}`;
   }
 
-  function renderStatus() {
+  // The models the server lists, in its order (the default first); a card for each.
+  function renderModels() {
     const s = view.status;
-    const state = $("state");
+    const box = $("models");
+    const note = $("models-note");
     if (!s && view.statusHidden) {
-      state.textContent = "private";
-      state.dataset.state = "private";
-      $("hint").textContent = token() ? "This server keeps its status private, and does not show it for this token."
-        : "This server keeps its status private: enter the admin token to see it.";
-      return;
+      for (const card of cards.values()) card.root.remove(); // what the page cannot see, it does not show
+      cards.clear();
     }
-    if (!s) {
-      state.textContent = "unreachable";
-      state.dataset.state = "offline";
-      $("hint").textContent = "The server cannot be reached — it may be restarting. Retrying…";
-      return;
+    if (s) {
+      const list = models();
+      for (const [name, card] of cards) {
+        if (!list.some((m) => m.name === name)) { card.root.remove(); cards.delete(name); }
+      }
+      list.forEach((m, i) => {
+        let card = cards.get(m.name);
+        if (!card) { card = makeCard(m.name); cards.set(m.name, card); }
+        if (box.children[i] !== card.root) box.insertBefore(card.root, box.children[i] || null);
+        renderCard(card, m);
+      });
+    } else {
+      for (const card of cards.values()) renderCardOffline(card);
     }
-    state.textContent = STATE_LABELS[s.state] || s.state;
-    state.dataset.state = s.state;
-    $("hint").textContent = hint(s);
-    const reason = $("reason");
-    const detail = !s.ready ? (s.last_error && !String(s.reason).includes(s.last_error)
-      ? `${s.reason} (last error: ${s.last_error})` : s.reason) : "";
-    reason.hidden = !detail || s.state === "shutting_down";
-    reason.textContent = detail ? `Why: ${detail}` : "";
-    $("live-version").textContent = s.model_version || "none";
-    $("live-version").classList.toggle("muted", !s.model_version);
-    $("previous-version").textContent = s.previous_version || "none";
-    $("previous-version").classList.toggle("muted", !s.previous_version);
-    const providers = (s.providers || []).join(", ");
-    $("device").replaceChildren(s.device || "—", ...(providers ? [h("span", { class: "sub", text: providers })] : []));
-    $("rss").textContent = bytes(s.resident_memory_bytes);
-    $("model-memory").textContent = s.model_loaded ? bytes(s.model_memory_bytes) : "—";
-    $("in-flight").textContent = s.queued ? `${s.in_flight} (${s.queued} queued)` : String(s.in_flight);
-    const smoke = $("smoke");
-    smoke.textContent = smokeSummary(s.smoke);
-    smoke.classList.toggle("bad", Boolean(s.smoke && !s.smoke.passed));
-    renderWorkers(s.workers);
-    document.title = `voxswap · ${s.model_version || "no model"} · ${STATE_LABELS[s.state] || s.state}`;
+    note.hidden = cards.size > 0;
+    $("models-note-text").textContent = s ? "This server serves no model."
+      : view.statusHidden ? "This server keeps its status private: enter the admin token to see its models."
+        : view.everAnswered ? "The server cannot be reached — retrying…" : "Reading the server's models…";
   }
 
-  function renderWorkers(workers) {
-    const box = $("workers-box");
-    box.hidden = !Array.isArray(workers);
-    if (box.hidden) return;
-    $("workers").replaceChildren(...workers.map((w) => h("tr", {},
+  function renderCard(card, m) {
+    const shutting = view.status.state === "shutting_down";
+    card.root.classList.remove("stale");
+    card.kind.textContent = m.kind || "no kind yet";
+    card.isDefault.hidden = !m.default;
+    card.generatedBadge.hidden = !m.generated;
+    card.generated.hidden = !m.generated;
+    card.state.textContent = shutting ? STATE_LABELS.shutting_down : STATE_LABELS[m.state] || m.state;
+    card.state.dataset.state = shutting ? "shutting_down" : m.state;
+    card.hint.textContent = shutting ? "The server is shutting down — requests are refused until it is back." : hint(m);
+    const detail = !m.ready ? (m.last_error && !String(m.reason).includes(m.last_error)
+      ? `${m.reason} (last error: ${m.last_error})` : m.reason) : "";
+    card.reason.hidden = !detail || shutting;
+    card.reason.textContent = detail ? `Why: ${detail}` : "";
+    card.live.textContent = m.live_version || "none";
+    card.live.classList.toggle("muted", !m.live_version);
+    card.previous.textContent = m.previous_version || "none";
+    card.previous.classList.toggle("muted", !m.previous_version);
+    const providers = (m.providers || []).join(", ");
+    card.device.replaceChildren(m.device || "—", ...(providers ? [h("span", { class: "sub", text: providers })] : []));
+    card.memory.textContent = m.live_version ? bytes(m.model_memory_bytes) : "—";
+    card.inFlight.textContent = String(m.in_flight ?? "—");
+    const held = (m.versions || []).length;
+    const loaded = (m.loaded_versions || []).length;
+    card.versionCount.textContent = `${held} in the registry${loaded > 1 ? ` · ${loaded} loaded` : ""}`;
+    card.smoke.textContent = smokeSummary(m.smoke);
+    card.smoke.classList.toggle("bad", Boolean(m.smoke && !m.smoke.passed));
+    renderWorkers(card, m.workers);
+    renderVersions(card);
+    renderControls(card);
+  }
+
+  // The server stopped answering: the card says so rather than showing its last state as now.
+  function renderCardOffline(card) {
+    card.root.classList.add("stale");
+    card.state.textContent = "unreachable";
+    card.state.dataset.state = "offline";
+    card.hint.textContent = "The server cannot be reached — it may be restarting. Retrying…";
+    card.reason.hidden = true;
+    renderControls(card);
+  }
+
+  function renderWorkers(card, workers) {
+    card.workersBox.hidden = !Array.isArray(workers) || !workers.length;
+    if (card.workersBox.hidden) return;
+    card.workers.replaceChildren(...workers.map((w) => h("tr", {},
       h("td", { class: "mono", text: w.pid, title: w.host || null }),
       h("td", { class: "mono", text: w.version || "none" }),
       h("td", {}, h("div", { class: "roles" },
@@ -242,49 +437,53 @@
 
   // -- controls -----------------------------------------------------------------------------
 
-  const ACTIONS = ["update", "rollback", "reload", "unload", "load"];
-
-  // Why each control is off: one shared reason when none can act, else one per control.
-  function controlReasons() {
+  // Why each control of a card is off: one shared reason when none can act, else one per control.
+  function controlReasons(card) {
     const s = view.status;
-    const picked = $("update-version").value;
+    const m = modelNamed(card.name);
+    const picked = card.select.value;
     const all = (why) => ({ all: why, each: {} });
     if (!token()) return all("enter the admin token first");
-    if (view.busy) return all(`wait: ${view.busy.toLowerCase()} is running`);
+    if (card.busy) return all(`wait: ${card.busy.toLowerCase()} is running`);
     if (!s) return all(view.statusHidden ? "the server shows its status to the admin token only" : "the server cannot be reached");
     if (s.state === "shutting_down") return all("the server is shutting down");
-    if (s.state !== "ready" && s.state !== "not_loaded") return all(`wait: the model is ${STATE_LABELS[s.state] || s.state}`);
+    if (!m) return all("the server no longer lists this model");
+    if (m.state !== "ready" && m.state !== "not_loaded") return all(`wait: the model is ${STATE_LABELS[m.state] || m.state}`);
     const why = {};
-    if (s.model_loaded) {
+    if (m.live_version) {
       why.load = "already loaded";
       if (!picked) why.update = "no version to update to";
-      else if (picked === s.model_version) why.update = `${picked} is already live`;
+      else if (picked === m.live_version) why.update = `${picked} is already live`;
     } else {
       // nothing is served: Load brings the current version back, and Update or Roll back move to
       // another one directly (an operator who unloaded a bad version need not load it again)
       why.unload = "no model loaded";
       why.reload = "nothing to reload: use Load";
-      if (!picked) why.update = s.registry_current ? "no version to update to" : "the registry has no versions";
-      if (!s.registry_current) why.load = "no version is current: use Update";
+      if (!picked) why.update = m.registry_current ? "no version to update to" : "the registry has no versions";
+      if (!m.registry_current) why.load = "no version is current: use Update";
     }
-    if (!s.previous_version) why.rollback = "no previous version";
+    if (!m.previous_version) why.rollback = "no previous version";
     return { all: null, each: why };
   }
 
-  function renderControls() {
-    const { all, each } = controlReasons();
-    for (const action of ACTIONS) {
-      $(`btn-${action}`).disabled = Boolean(all || each[action]);
-      $(`why-${action}`).textContent = all ? "" : (each[action] || "");
+  function renderControls(card) {
+    renderVersionChoice(card);
+    const { all, each } = controlReasons(card);
+    for (const [action] of ACTIONS) {
+      card.buttons[action].disabled = Boolean(all || each[action]);
+      card.whys[action].textContent = all ? "" : (each[action] || "");
     }
-    $("why-all").textContent = all ? all[0].toUpperCase() + all.slice(1) + "." : "";
-    $("update-version").disabled = !token() || !view.versions;
+    card.whyAll.textContent = all ? all[0].toUpperCase() + all.slice(1) + "." : "";
+    card.select.disabled = !token() || !versionsOf(card.name);
   }
 
-  function renderVersionChoice() {
-    const select = $("update-version");
-    const data = view.versions;
-    const live = view.status ? view.status.model_version : null;
+  function versionsOf(name) { return (view.admin.get(name) || {}).versions || null; }
+
+  function renderVersionChoice(card) {
+    const select = card.select;
+    const data = versionsOf(card.name);
+    const m = modelNamed(card.name);
+    const live = m ? m.live_version : null;
     const names = data ? data.versions.map((v) => v.name) : [];
     const labels = names.map((n) => (n === live ? `${n} (live)` : n));
     const current = [...select.options].map((o) => o.textContent);
@@ -293,22 +492,12 @@
       select.replaceChildren(...names.map((n, i) => h("option", { value: n, text: labels[i] })));
       if (names.includes(keep)) select.value = keep;
     }
-    if (!view.picked || !names.includes(select.value)) {
+    if (!card.picked || !names.includes(select.value)) {
       // default: the newest version that is not live, the usual next step of a deploy
       const candidates = (data ? data.versions : []).filter((v) => v.name !== live);
       candidates.sort((a, b) => b.created_at - a.created_at);
       select.value = candidates.length ? candidates[0].name : (names[0] || "");
     }
-  }
-
-  function showResult(kind, title, detail) {
-    const box = $("action-result");
-    box.dataset.kind = kind;
-    box.replaceChildren(...[
-      h("strong", { class: "result-title", text: title }),
-      detail ? h("span", { class: "result-detail", text: detail }) : null,
-      kind === "pending" ? null : h("time", { class: "result-time", text: when(Date.now() / 1000) }),
-    ].filter(Boolean));
   }
 
   function swapDetail(report) {
@@ -327,65 +516,69 @@
     return parts.join(" ");
   }
 
-  function describe(action, data) {
+  function describe(name, action, data) {
+    const model = data.model || name;
     if (action === "unload") {
-      if (!data.unloaded) return ["Nothing was loaded", ""];
+      if (!data.unloaded) return [`Nothing of ${name} was loaded`, ""];
       const freed = (data.memory || {}).freed_bytes;
-      return [`Unloaded ${data.unloaded}`, `Freed ${bytes(freed)} in ${seconds((data.timings || {}).free_s)}. ` +
-        "Transcriptions get 503 until you press Load."];
+      return [`Unloaded ${pinned(model, data.unloaded)}`, `Freed ${bytes(freed)} in ${seconds((data.timings || {}).free_s)}. `
+        + `Transcriptions for ${model} get 503 until you press Load.`];
     }
-    const from = data.from_version && data.from_version !== data.version ? ` (was ${data.from_version})` : "";
+    const from = data.from_version && data.from_version !== data.version ? ` (was ${pinned(model, data.from_version)})` : "";
     const verb = { update: "Updated", rollback: "Rolled back", reload: "Reloaded", load: "Loaded" }[action];
-    return [`${verb}: now serving ${data.version}${from}`, swapDetail(data)];
+    return [`${verb}: now serving ${pinned(model, data.version)}${from}`, swapDetail(data)];
   }
 
-  async function act(action) {
-    const s = view.status || {};
-    const target = $("update-version").value;
+  async function act(card, action) {
+    const name = card.name;
+    const m = modelNamed(name) || {};
+    const live = pinned(name, m.live_version);
+    const target = card.select.value;
     const plan = {
-      update: { label: `Update to ${target}`, path: "/admin/model/update", json: { version: target } },
-      rollback: { label: `Roll back to ${s.previous_version}`, path: "/admin/model/rollback" },
-      reload: { label: `Reload of ${s.model_version}`, path: "/admin/model/reload" },
-      unload: { label: `Unload of ${s.model_version}`, path: "/admin/model/unload",
-        confirm: `Unload ${s.model_version}? Transcriptions get 503 until you press Load.` },
-      load: { label: `Load of ${s.registry_current}`, path: "/admin/model/load" },
+      update: { label: `Update to ${pinned(name, target)}`, path: modelPath(name, "/update"), json: { version: target } },
+      rollback: { label: `Roll back to ${pinned(name, m.previous_version)}`, path: modelPath(name, "/rollback") },
+      reload: { label: `Reload of ${live}`, path: modelPath(name, "/reload") },
+      unload: { label: `Unload of ${live}`, path: modelPath(name, "/unload"),
+        confirm: `Unload ${live}? Transcriptions for ${name} get 503 until you press Load.` },
+      load: { label: `Load of ${pinned(name, m.registry_current)}`, path: modelPath(name, "/load") },
     }[action];
     if (plan.confirm && !window.confirm(plan.confirm)) return;
-    view.busy = plan.label;
-    renderControls();
+    card.busy = plan.label;
+    renderControls(card);
     const meanwhile = {
       unload: "Waiting for requests in flight, then freeing the memory.",
-      load: "Loading and smoke-testing; transcriptions get 503 until it is ready.",
-    }[action] || `Blue/green: ${s.model_version} keeps serving until the new model passes its smoke test.`;
-    showResult("pending", `${plan.label}…`, meanwhile);
+      load: `Loading and smoke-testing; transcriptions for ${name} get 503 until it is ready.`,
+    }[action] || `Blue/green: ${live || "the old version"} keeps serving until the new model passes its smoke test.`;
+    showResult(card.result, "pending", `${plan.label}…`, meanwhile);
     const pending = api(plan.path, { method: "POST", json: plan.json });
     const early = setTimeout(refreshNow, 300); // show "swapping" while the swap runs
     const r = await pending;
     clearTimeout(early);
-    view.busy = null;
+    card.busy = null;
     if (r.ok) {
-      const [title, detail] = describe(action, r.data);
-      showResult("ok", title, detail);
-      if (action === "update") view.picked = false;
+      const [title, detail] = describe(name, action, r.data);
+      showResult(card.result, "ok", title, detail);
+      if (action === "update") card.picked = false;
     } else if (r.status === 401) {
       forget(r.message);
+      showResult(card.result, "error", `${plan.label} refused`, r.message);
     } else {
       const report = r.data && r.data.error && r.data.error.report;
       const outcome = report && report.outcome ? ` (${report.outcome.replace(/_/g, " ")})` : "";
-      const keeps = s.model_version && action !== "unload" ? ` ${s.model_version} keeps serving.` : "";
-      showResult("error", `${plan.label} failed${outcome}`, `${r.message}.${keeps}`.replace(/\.\./g, "."));
+      const keeps = live && action !== "unload" ? ` ${live} keeps serving.` : "";
+      showResult(card.result, "error", `${plan.label} failed${outcome}`, `${r.message}.${keeps}`.replace(/\.\./g, "."));
     }
     refreshNow();
   }
 
   // -- versions and history -----------------------------------------------------------------
 
-  function renderVersions() {
-    const data = view.versions;
-    renderVersionChoice();
-    if (!data) { $("versions").replaceChildren(); $("history").replaceChildren(); return; }
+  function renderVersions(card) {
+    const admin = view.admin.get(card.name) || {};
+    const data = admin.versions;
+    if (!data || !token()) { card.versions.replaceChildren(); card.history.replaceChildren(); return; }
     const live = data.live;
-    $("versions").replaceChildren(...data.versions.map((v) => {
+    card.versions.replaceChildren(...data.versions.map((v) => {
       const clips = v.smoke || [];
       const smoke = v.golden_smoke
         ? h("span", { title: clips.map((c) => `${c.audio}: “${c.text}”`).join("\n") },
@@ -404,10 +597,11 @@
         h("td", {}, smoke),
         h("td", {}, h("div", { class: "roles" }, roles.length ? roles : h("span", { class: "muted", text: "—" }))));
     }));
+    if (admin.history) renderHistory(card, admin.history);
   }
 
-  function renderHistory(events) {
-    $("history").replaceChildren(...events.slice().reverse().map((e) => {
+  function renderHistory(card, events) {
+    card.history.replaceChildren(...events.slice().reverse().map((e) => {
       const ok = !e.outcome || e.outcome === "success";
       const what = e.from_version && e.from_version !== e.version ? `${e.from_version} → ${e.version}` : e.version;
       const extra = [e.reason, e.freed_bytes !== undefined ? `freed ${bytes(e.freed_bytes)}` : null,
@@ -420,7 +614,7 @@
           ok ? null : badge(String(e.outcome).replace(/_/g, " "), "bad")),
         extra ? h("span", { class: "extra", text: extra }) : null);
     }));
-    if (!events.length) $("history").append(h("li", { class: "muted", text: "No events yet." }));
+    if (!events.length) card.history.append(h("li", { class: "muted", text: "No events yet." }));
   }
 
   // -- traffic chart ---------------------------------------------------------------------------
@@ -468,6 +662,9 @@
     $(`${key}-empty`).hidden = !quiet;
   }
 
+  // A version of the traffic's, as NAME@VERSION (the model that answered, the version it used).
+  function trafficLabel(v) { return pinned(v.model, v.version) || "refused before a model answered"; }
+
   function renderCharts() {
     const points = traffic.points;
     const rates = points.map((p) => ({ t: p.end, dt: p.seconds, v: p.rate_per_s }));
@@ -476,13 +673,35 @@
     const quiet = points.every((p) => p.requests === 0);
     const lastLat = [...points].reverse().find((p) => p.p95_s !== null);
     $("rate-now").textContent = last ? last.rate_per_s.toFixed(last.rate_per_s < 10 ? 2 : 1) : "—";
-    $("rate-now").title = last ? last.versions.map((v) => `${v.version || "no version"}: ${v.requests} requests, `
+    $("rate-now").title = last ? last.versions.map((v) => `${trafficLabel(v)}: ${v.requests} requests, `
       + `${v.errors} failed`).join("\n") : "";
     $("p95-now").textContent = lastLat ? seconds(lastLat.p95_s) : "—";
     const rateMax = niceMax(Math.max(0, ...rates.map((r) => r.v)), 1);
     const latMax = niceMax(Math.max(0, ...lat.map((r) => r.v || 0)), 0.1);
     drawChart("rate", rates, rateMax, (v) => `${v}/s`, quiet);
     drawChart("p95", lat, latMax, seconds, quiet);
+    renderSplit(points);
+  }
+
+  // Which model@version answered the requests of the last minutes, busiest first.
+  function renderSplit(points) {
+    const totals = new Map();
+    for (const p of points) {
+      for (const v of p.versions || []) {
+        const key = trafficLabel(v);
+        const t = totals.get(key) || { requests: 0, errors: 0 };
+        t.requests += v.requests;
+        t.errors += v.errors;
+        totals.set(key, t);
+      }
+    }
+    const rows = [...totals].filter(([, t]) => t.requests > 0).sort((a, b) => b[1].requests - a[1].requests);
+    const split = $("traffic-split");
+    split.hidden = !rows.length;
+    split.replaceChildren(...rows.map(([key, t]) => h("li", {},
+      h("span", { class: "mono", text: key }),
+      h("span", { class: "num", text: `${t.requests} request${t.requests === 1 ? "" : "s"}` }),
+      t.errors ? badge(`${t.errors} failed`, "bad") : null)));
   }
 
   // -- batch jobs -----------------------------------------------------------------------------
@@ -537,30 +756,44 @@
     }
     view.status = r.ok ? r.data : null;
     view.statusHidden = r.status === 404;
+    if (r.ok) view.everAnswered = true;
     const conn = $("conn");
     conn.textContent = r.ok ? `live · updated ${when(Date.now() / 1000)}`
       : view.statusHidden ? "status private · admin token needed" : "offline · retrying";
     conn.dataset.ok = r.ok ? "yes" : view.statusHidden ? "private" : "no";
   }
 
+  // Each model's versions and recent history, for the models the status just listed.
   async function refreshAdmin() {
-    if (!token()) return;
-    const [versions, history] = await Promise.all([
-      api("/admin/model/versions"),
-      api(`/admin/history?limit=${HISTORY_LIMIT}`),
-    ]);
-    if (versions.status === 401 || history.status === 401) { forget(versions.message || history.message); return; }
-    if (versions.ok) view.versions = versions.data;
-    if (history.ok) view.history = history.data.events || [];
+    if (!token() || !view.status) return;
+    const answers = await Promise.all(models().map(async ({ name }) => {
+      const [versions, history] = await Promise.all([
+        api(modelPath(name, "/versions")),
+        api(`/admin/history?model=${encodeURIComponent(name)}&limit=${HISTORY_LIMIT}`),
+      ]);
+      return { name, versions, history };
+    }));
+    const denied = answers.flatMap((a) => [a.versions, a.history]).find((r) => r.status === 401);
+    if (denied) { forget(denied.message); return; }
+    if (!token()) return; // forgotten while these were on their way
+    const next = new Map();
+    for (const { name, versions, history } of answers) {
+      const before = view.admin.get(name) || {};
+      next.set(name, {
+        versions: versions.ok ? versions.data : before.versions || null,
+        history: history.ok && history.data ? history.data.events || [] : before.history || null,
+      });
+    }
+    view.admin = next;
   }
 
   // Everything is fetched first and drawn after, so labels are there once the vocabulary is.
   async function tick() {
-    await Promise.all([loadVocabulary(), refreshStatus(), refreshTraffic(), refreshAdmin(), refreshJobs()]);
-    renderStatus();
-    renderVersions();
-    if (view.versions && view.history) renderHistory(view.history);
-    renderControls();
+    await Promise.all([loadVocabulary(), refreshStatus().then(refreshAdmin), refreshTraffic(), refreshJobs()]);
+    renderServer();
+    renderModels();
+    renderLock();
+    renderModelChoice();
     renderCharts();
     renderJobs();
   }
@@ -581,6 +814,23 @@
   function refreshNow() { run(); }
 
   // -- transcription --------------------------------------------------------------------------
+
+  // The models a transcription can ask for, the default first (and chosen until the operator picks).
+  function renderModelChoice() {
+    const select = $("transcribe-model");
+    const list = models();
+    if (list.length) {
+      const names = list.map((m) => m.name);
+      const labels = list.map((m) => (m.default ? `${m.name} (default)` : m.name));
+      if ([...select.options].map((o) => o.textContent).join("\n") !== labels.join("\n")) {
+        const keep = select.value;
+        select.replaceChildren(...names.map((n, i) => h("option", { value: n, text: labels[i] })));
+        select.value = names.includes(keep) ? keep : names[0];
+      }
+    }
+    const m = modelNamed(select.value);
+    $("model-note").textContent = m && m.generated ? `${m.name}: ${GENERATED_NOTE.toLowerCase()}` : "";
+  }
 
   let recorded = null;
   let recorder = null;
@@ -646,11 +896,13 @@
     form.append("file", file, file.name);
     if ($("language").value) form.append("language", $("language").value); // none yet: the server's default
     form.append("use_itn", $("use-itn").checked ? "true" : "false");
+    const model = $("transcribe-model").value;
+    if (model) form.append("model", model); // none listed yet: the server's default model
     const button = $("btn-transcribe");
     button.disabled = true;
     button.textContent = "Transcribing…";
     out.dataset.kind = "pending";
-    out.replaceChildren(h("p", { class: "muted", text: `Transcribing ${file.name}…` }));
+    out.replaceChildren(h("p", { class: "muted", text: `Transcribing ${file.name}${model ? ` with ${model}` : ""}…` }));
     const r = await api("/api/transcribe", { method: "POST", form });
     button.disabled = false;
     button.textContent = "Transcribe";
@@ -660,13 +912,17 @@
       return;
     }
     const d = r.data;
-    const fact = (label, value, cls) => h("div", {}, h("dt", { text: label }), " ",
+    const fact = (term, value, cls) => h("div", {}, h("dt", { text: term }), " ",
       h("dd", { class: cls || null, text: value }));
+    const answered = modelNamed(d.model);
+    const generated = answered && answered.generated && answered.live_version === d.model_version;
     out.dataset.kind = "ok";
     out.replaceChildren(
       d.text ? h("p", { class: "text", text: d.text }) : h("p", { class: "text muted", text: "(no speech)" }),
+      generated ? h("p", { class: "generated-note small", role: "note",
+        text: `Answered by a ${GENERATED_NOTE.toLowerCase()}.` }) : null,
       h("dl", { class: "meta" },
-        fact("Version", d.model_version, "mono version"),
+        fact("Version", pinned(d.model, d.model_version), "mono version"),
         fact("Language", d.language || "—"),
         fact("Emotion", d.emotion || "—"),
         fact("Events", (d.events || []).join(", ") || "—"),
@@ -679,10 +935,9 @@
 
   function init() {
     $("token-form").addEventListener("submit", unlock);
-    $("forget-token").addEventListener("click", () => { forget(); showResult("ok", "Admin token forgotten", ""); });
-    for (const action of ACTIONS) $(`btn-${action}`).addEventListener("click", () => act(action));
-    $("update-version").addEventListener("change", () => { view.picked = true; renderControls(); });
+    $("forget-token").addEventListener("click", () => { forget(); tokenResult("ok", "Admin token forgotten", ""); });
     $("transcribe-form").addEventListener("submit", transcribe);
+    $("transcribe-model").addEventListener("change", renderModelChoice);
     $("audio-file").addEventListener("change", () => {
       recorded = null;
       if ($("record-text").textContent !== "Record") { $("record-text").textContent = "Record"; note(""); }
@@ -696,7 +951,6 @@
     }
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
     renderLock();
-    renderControls();
     renderCharts();
     run();
   }
