@@ -88,6 +88,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in ctx.tasks:
             with suppress(asyncio.CancelledError):
                 await task
+        ctx.service.shadow.shutdown()
         await asyncio.to_thread(ctx.pool.shutdown)
         ctx.models.shutdown()
 

@@ -31,6 +31,7 @@ REJECTION_REASONS = ("overloaded", "timeout", "too_large", "unauthorized", "slow
 SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
 JOB_OUTCOMES = tuple(status.value for status in FINISHED_JOB_STATUSES)
 WEBHOOK_OUTCOMES = ("delivered", "failed")
+SHADOW_OUTCOMES = ("mirrored", "dropped", "failed")
 
 
 def multiprocess_dir() -> str | None:
@@ -109,6 +110,9 @@ class Metrics:
         self.jobs_claimed = Gauge(
             "voxswap_jobs_claimed", "Batch jobs this process is running now (sum() across processes and instances).",
             registry=r, multiprocess_mode="livesum")
+        self.shadow = Counter(
+            "voxswap_shadow_requests", "Requests mirrored to a shadow candidate, by outcome (dropped: queue full).",
+            ["model", "outcome"], registry=r)
         self.webhooks = Counter(
             "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
         # a labelled series exists only from its first increment, and increase() cannot see that
@@ -153,6 +157,8 @@ class ModelMetrics:
             metrics.swaps.labels(model, outcome)
         for phase in SWAP_PHASES:
             metrics.swap_phase.labels(model, phase)
+        for outcome in SHADOW_OUTCOMES:
+            metrics.shadow.labels(model, outcome)
         metrics.model_loaded.labels(model).set(0)
 
     def swap(self, outcome: str) -> None:
@@ -163,6 +169,9 @@ class ModelMetrics:
 
     def load_time(self, seconds: float) -> None:
         self.all.model_load.labels(self.model).observe(seconds)
+
+    def shadow(self, outcome: str) -> None:
+        self.all.shadow.labels(self.model, outcome).inc()
 
     def generation(self, generation: int) -> None:
         self.all.registry_generation.labels(self.model).set(generation)

@@ -187,6 +187,54 @@ class Settings(BaseSettings):
     watch_max_latency_ratio: float = Field(2.0, ge=1)
     """Roll back when the new version's p95 latency exceeds the previous one's by this factor."""
 
+    # -- canary and shadow rollouts --
+
+    canary_mode: Literal["canary", "shadow"] = "canary"
+    """A canary answers ``canary_percent`` of clients from the candidate; shadow answers everyone from
+    the live version and also runs that share of requests on the candidate, off the request path."""
+
+    canary_percent: float = Field(10.0, gt=0, le=100)
+    """Share of clients (canary) or requests (shadow) that reach the candidate."""
+
+    canary_duration_s: float = Field(300.0, gt=0, le=86_400)
+    """How long a canary or shadow runs before it is judged."""
+
+    canary_on_pass: Literal["promote", "hold"] = "hold"
+    """What a passed canary does: promote the candidate (a normal blue/green flip, already loaded), or
+    hold: record the verdict, unload the candidate and leave the promotion to an operator."""
+
+    canary_min_requests: int = Field(20, ge=1)
+    """Each side (live and candidate) must answer at least this many requests in the window, or the
+    verdict is ``inconclusive`` and nothing is promoted."""
+
+    canary_max_error_rate_increase: float = Field(0.02, ge=0, le=1)
+    canary_max_empty_rate_increase: float = Field(0.1, ge=0, le=1)
+    canary_max_latency_ratio: float = Field(1.5, ge=1)
+    """A candidate fails when its error rate or empty share exceeds the live version's by more than
+    these, or its p95 latency is this many times the live one's, over the same window."""
+
+    canary_max_cer_mean: float = Field(0.15, ge=0, le=10)
+    """Shadow: a candidate fails when its transcripts differ from the live ones by this mean
+    character error rate or more."""
+
+    canary_cer_threshold: float = Field(0.3, ge=0, le=10)
+    canary_max_cer_share: float = Field(0.2, ge=0, le=1)
+    """Shadow: a candidate also fails when more than ``canary_max_cer_share`` of the compared
+    transcripts differ by more than ``canary_cer_threshold``."""
+
+    shadow_queue: int = Field(8, ge=1, le=10_000)
+    """Mirrored requests waiting for the candidate; beyond it they are dropped (and counted), never
+    delaying live answers."""
+
+    trusted_proxies: Annotated[
+        tuple[IPvAnyNetwork, ...], NoDecode,
+        BeforeValidator(lambda v: tuple(v.replace(",", " ").split()) if isinstance(v, str) else v),
+    ] = Field(("127.0.0.1/32",), max_length=100)  # type: ignore[arg-type]
+    """Peers (CIDRs, comma-separated) whose ``X-Forwarded-For`` names the client (uvicorn's
+    ``forwarded_allow_ips``; by default a proxy on this host, as uvicorn's default). Empty: none, and
+    the peer is the client. A canary keeps each client on one side by its ``X-Canary-Key``, else by
+    this address."""
+
     # -- webhooks and job ownership (issue 18: findings C and D) --
 
     webhook_allow_networks: Annotated[

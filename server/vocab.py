@@ -90,6 +90,13 @@ class HistoryEvent(StrEnum):
     WATCH_INCONCLUSIVE = "watch_inconclusive"
     WATCH_SUPERSEDED = "watch_superseded"
     WATCH_ROLLBACK_FAILED = "watch_rollback_failed"
+    CANARY_START = "canary_start"  # a candidate passed its gate and takes canary or shadow traffic
+    CANARY_PASSED = "canary_passed"  # judged no worse; held for an operator (on_pass: hold)
+    CANARY_PROMOTED = "canary_promoted"
+    CANARY_FAILED = "canary_failed"  # judged worse: dropped, the live version never left
+    CANARY_INCONCLUSIVE = "canary_inconclusive"
+    CANARY_STOPPED = "canary_stopped"
+    CANARY_INTERRUPTED = "canary_interrupted"  # its coordinating worker died; the candidate was dropped
 
 
 # The operator page's words for each value (the page has none of its own).
@@ -113,6 +120,13 @@ HISTORY_LABELS: dict[HistoryEvent, str] = {
     HistoryEvent.WATCH_INCONCLUSIVE: "watch inconclusive",
     HistoryEvent.WATCH_SUPERSEDED: "watch superseded",
     HistoryEvent.WATCH_ROLLBACK_FAILED: "watch rollback failed",
+    HistoryEvent.CANARY_START: "canary started",
+    HistoryEvent.CANARY_PASSED: "canary passed",
+    HistoryEvent.CANARY_PROMOTED: "canary promoted",
+    HistoryEvent.CANARY_FAILED: "canary failed",
+    HistoryEvent.CANARY_INCONCLUSIVE: "canary inconclusive",
+    HistoryEvent.CANARY_STOPPED: "canary stopped",
+    HistoryEvent.CANARY_INTERRUPTED: "canary interrupted",
 }
 JOB_STATUS_LABELS: dict[JobStatus, str] = {
     JobStatus.PENDING: "pending",

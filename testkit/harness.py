@@ -21,7 +21,12 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", timeout_s: float = 60.0) 
     """Run ``app`` under uvicorn on a free port in a background thread; yield its base URL."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=0, log_config=None, lifespan="on", access_log=False)
+    from server.tools.serving import forwarded_allow_ips
+
+    ctx = getattr(getattr(app, "state", None), "ctx", None)
+    proxies = forwarded_allow_ips(ctx.settings) if ctx is not None else "127.0.0.1"  # as voxswap serve does
+    config = uvicorn.Config(app, host=host, port=0, log_config=None, lifespan="on", access_log=False,
+                            forwarded_allow_ips=proxies)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="voxswap-test-server", daemon=True)
     thread.start()

@@ -214,6 +214,26 @@ def test_every_json_route_answers_what_openapi_declares(contract: Contract, regi
            files=upload, headers=AUTH)
     c.call("DELETE", f"{m}/versions/{{name}}", 200, path="/admin/models/meeting/versions/m3", headers=AUTH)
 
+    # canaries: start, follow, stop, on the default model and a named one
+    c.call("GET", "/admin/model/canary", 404, headers=AUTH)
+    c.call("POST", "/admin/model/canary", 404, json={"version": "nope"}, headers=AUTH)
+    c.call("POST", "/admin/model/canary", 422, json={"version": "broken", "percent": 50}, headers=AUTH)
+    live = c.client.get("/admin/model/versions", headers=AUTH).json()["live"]
+    c.call("POST", "/admin/model/canary", 200, json={"version": "b" if live == "a" else "a", "mode": "shadow",
+                                                     "percent": 10,
+                                                     "criteria": {"min_requests": 3}}, headers=AUTH)
+    c.call("POST", "/api/transcribe", 200, files=audio)
+    c.call("GET", "/admin/model/canary", 200, headers=AUTH)
+    c.call("DELETE", "/admin/model/canary", 200, headers=AUTH)
+    c.call("DELETE", "/admin/model/canary", 409, headers=AUTH)
+    c.call("POST", f"{m}/canary", 200, path="/admin/models/meeting/canary", json={"version": "m2", "percent": 50},
+           headers=AUTH)
+    c.call("POST", f"{m}/canary", 409, path="/admin/models/meeting/canary", json={"version": "m2"}, headers=AUTH)
+    c.call("GET", f"{m}/canary", 200, path="/admin/models/meeting/canary", headers=AUTH)
+    c.call("GET", f"{m}/canary", 404, path="/admin/models/nope/canary", headers=AUTH)
+    c.call("DELETE", f"{m}/canary", 200, path="/admin/models/meeting/canary", headers=AUTH)
+    c.call("DELETE", f"{m}/canary", 409, path="/admin/models/meeting/canary", headers=AUTH)
+
     # the calls above reached every documented route, each success media type, and each error state
     routes = set(schema_routes(c.client.app))
     called = {(method, template) for method, template, _, _ in c.seen}

@@ -17,10 +17,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, Field
 
-from server.errors import Conflict, NotReady, SwapInProgress
+from server.errors import Conflict, NotFound, NotReady, SwapInProgress
 from server.http import schemas
 from server.http.deps import CtxDep, require_admin
-from server.http.status_schemas import ModelsAnswer
+from server.http.status_schemas import CanaryAnswer, CanaryRequest, ModelsAnswer
 from server.lifecycle.policy import ModelLifecycle
 from server.service.status import model_status
 from server.storage.manifest import validate_model_name, validate_new_name
@@ -67,7 +67,7 @@ class ExpectRequest(BaseModel):
     expected_current: str | None = None
 
 
-def _expect(body: ExpectRequest | UpdateRequest | None) -> Any:
+def _expect(body: ExpectRequest | UpdateRequest | CanaryRequest | None) -> Any:
     if body is None or "expected_current" not in body.model_fields_set:
         return ANY_CURRENT
     return body.expected_current
@@ -207,3 +207,31 @@ async def history(
     model: Annotated[str | None, Query(max_length=64, description="One model's events; every model's without")] = None,
 ) -> dict[str, Any]:
     return {"events": await asyncio.to_thread(ctx.catalog.history, model, limit)}
+
+
+@_model_route("POST", "/canary", response_model=CanaryAnswer, responses=SWAP_ERRORS)
+async def start_canary(ctx: CtxDep, lifecycle: LifecycleDep, body: CanaryRequest) -> dict[str, Any]:
+    """Build the candidate beside the live version on every worker (the usual gate), then let it
+    answer a share of clients (canary) or shadow a share of requests, and judge it: promote, hold
+    or drop it by itself. Answers once the candidate serves; GET follows the comparison."""
+    s = ctx.settings
+    criteria = body.criteria.model_dump(exclude_none=True) if body.criteria else None
+    state = await asyncio.to_thread(
+        lifecycle.canary.start, body.version, mode=body.mode or s.canary_mode,
+        percent=body.percent or s.canary_percent, duration_s=body.duration_s or s.canary_duration_s,
+        on_pass=body.on_pass or s.canary_on_pass, criteria=criteria, expected_current=_expect(body))
+    return state.to_json()
+
+
+@_model_route("GET", "/canary", response_model=CanaryAnswer, responses=schemas.errors(404))
+async def canary_status(lifecycle: LifecycleDep) -> dict[str, Any]:
+    state = await asyncio.to_thread(lifecycle.canary.current)
+    if state is None:
+        raise NotFound(f"model {lifecycle.name!r} has had no canary")
+    return state.to_json()
+
+
+@_model_route("DELETE", "/canary", response_model=CanaryAnswer, responses=schemas.errors(404, 409))
+async def stop_canary(lifecycle: LifecycleDep) -> dict[str, Any]:
+    """End the running canary: the candidate is dropped (unloaded and freed) on every worker."""
+    return (await asyncio.to_thread(lifecycle.canary.stop)).to_json()

@@ -79,3 +79,12 @@ def get_client(request: Request) -> Client:
 
 
 ClientDep = Annotated[Client, Depends(get_client)]
+
+
+def canary_key(request: Request) -> str:
+    """Who a client is, for a canary's split (one client, one version): ``X-Canary-Key``, else its
+    address (uvicorn takes it from ``X-Forwarded-For`` when the peer is a trusted proxy)."""
+    key = request.headers.get("x-canary-key", "").strip()
+    if key:
+        return key[:200]
+    return request.client.host if request.client else ""

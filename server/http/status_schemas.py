@@ -4,6 +4,8 @@ watches, smoke reports)."""
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field
 
 from server.http.schemas import Closed, JobQueueStatus, Rollout, SmokeReport, Watch, Worker
@@ -76,3 +78,51 @@ class SystemStatus(Closed):
     model: str = Field(description="The default model, which the model fields above describe")
     models: list[ModelStatus] = Field(description="Every named model this process serves, the default first")
     models_memory_bytes: int = Field(description="What every model's live version added when it loaded")
+
+
+class CanaryCriteria(Closed):
+    """Overrides of the ``canary_*`` settings for one canary; absent fields keep the settings'."""
+
+    min_requests: int | None = Field(None, ge=1, description="Each side must answer this many, or inconclusive")
+    max_error_rate_increase: float | None = Field(None, ge=0, le=1)
+    max_empty_rate_increase: float | None = Field(None, ge=0, le=1)
+    max_latency_ratio: float | None = Field(None, ge=1, description="Candidate p95 over live p95")
+    max_cer_mean: float | None = Field(None, ge=0, le=10, description="Shadow: mean CER against the live transcripts")
+    cer_threshold: float | None = Field(None, ge=0, le=10)
+    max_cer_share: float | None = Field(None, ge=0, le=1, description="Shadow: share of CERs above cer_threshold")
+
+
+class CanaryRequest(Closed):
+    version: str = Field(min_length=1, max_length=64)
+    mode: Literal["canary", "shadow"] | None = Field(None, description="Default: VOXSWAP_CANARY_MODE")
+    percent: float | None = Field(None, gt=0, le=100, description="Of clients (canary) or requests (shadow)")
+    duration_s: float | None = Field(None, gt=0, le=86_400)
+    criteria: CanaryCriteria | None = None
+    on_pass: Literal["promote", "hold"] | None = Field(None, description="Default: VOXSWAP_CANARY_ON_PASS")
+    expected_current: str | None = Field(None, description="409 unless this is the current (committed) version")
+
+
+class CanaryAnswer(Closed):
+    """A canary as ``canary.json`` holds it; ``comparison`` is live while it runs."""
+
+    id: str
+    model: str
+    version: str = Field(description="The candidate")
+    live_version: str | None
+    mode: str = Field(description="canary or shadow")
+    percent: float
+    duration_s: float
+    on_pass: str
+    criteria: dict[str, float]
+    state: str = Field(description="staging, running, passed, promoted, failed, inconclusive, stopped or interrupted")
+    reason: str
+    created_at: float
+    started_at: float | None
+    until: float | None
+    finished_at: float | None
+    rollout_id: str
+    coordinator_id: str
+    coordinator_pid: int
+    comparison: dict[str, Any] = Field(description="live and candidate: requests, errors, empty, error_rate, "
+                                                   "empty_rate, p95_ms; shadow: compared, cer_mean, "
+                                                   "cer_above_threshold, mirrored, dropped, failed")

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.errors import InvalidRequest, NotFound
 from server.http import schemas
-from server.http.deps import CtxDep, bearer_token, is_admin_token
+from server.http.deps import CtxDep, bearer_token, canary_key, is_admin_token
 from server.http.status_schemas import SystemStatus
 from server.service import routing
 from server.service.context import AppContext
@@ -34,6 +34,7 @@ def _headers(result: Transcription) -> dict[str, str]:
              responses={200: {"headers": schemas.VERSION_HEADER}, **TRANSCRIPTION_ERRORS})
 async def transcribe(
     ctx: CtxDep,
+    request: Request,
     file: Annotated[UploadFile, File(description="Audio: wav, flac, ogg/opus, mp3, m4a, webm")],
     language: Annotated[Language, Form()] = "auto",
     use_itn: Annotated[bool, Form()] = False,
@@ -43,7 +44,8 @@ async def transcribe(
 ) -> JSONResponse:
     target = routing.resolve(ctx.models, model, x_model_version)
     result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
-                                          model=target.model, version=target.version)
+                                          model=target.model, version=target.version,
+                                          client_key=canary_key(request))
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
@@ -55,6 +57,7 @@ async def transcribe(
 )
 async def openai_transcriptions(
     ctx: CtxDep,
+    request: Request,
     file: Annotated[UploadFile, File()],
     model: Annotated[str, Form()] = "",
     language: Annotated[str | None, Form()] = None,
@@ -70,7 +73,7 @@ async def openai_transcriptions(
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
     target = routing.resolve(ctx.models, model, x_model_version)
     result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
-                                          version=target.version)
+                                          version=target.version, client_key=canary_key(request))
     headers = _headers(result)
     if response_format == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)

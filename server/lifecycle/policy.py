@@ -27,9 +27,10 @@ from typing import Any
 from server.errors import SwapFailed, UnexpectedCurrent
 from server.lifecycle.board import WorkerBoard, WorkerInfo
 from server.lifecycle.builder import CandidateBuilder
+from server.lifecycle.canary import CanaryControl
 from server.lifecycle.holder import LoadedModel, ModelHolder, resident_bytes
 from server.lifecycle.report import SwapReport
-from server.lifecycle.rollout import Rollouts
+from server.lifecycle.rollout import Coordination, Rollouts
 from server.lifecycle.stats import VersionStats
 from server.lifecycle.swaplock import SwapLock
 from server.lifecycle.watch import PostSwapWatch
@@ -71,6 +72,7 @@ class ModelLifecycle:
         self.rollouts.publish = self.publish
         self.stats = VersionStats()
         self.watch = PostSwapWatch(self, registry, settings)
+        self.canary = CanaryControl(self)
         self.after_swap: Callable[[SwapReport], None] = lambda report: None
         self.held_by_operator = False  # unloaded on purpose: do not follow the registry back in
         self.last_error: str | None = None
@@ -154,6 +156,7 @@ class ModelLifecycle:
         registry's current version with ``commit_registry`` (a worker that lags behind it must not
         turn a safe retry into a 409), else this process's live version.
         """
+        self.canary.refuse_swaps()
         with self.swap_lock.hold(BUSY):
             live_before = self.live_version
             committed = self.registry.state().current
@@ -186,14 +189,26 @@ class ModelLifecycle:
             candidate = self.builder.build(report.version, report)
             rollout.stage(candidate)
             rollout.await_peers_staged()
-            state = self.registry.promote(report.version, expected_current=committed, actor=actor,
-                                          event=HistoryEvent(report.event),
-                                          details={"timings": report.to_json()["timings"]})
-            report.generation = self.applied_generation = state.generation
-            self.metrics.generation(state.generation)
-            rollout.commit()
-            self._go_live(candidate, report)
-            report.converged = rollout.await_peers_serving(self.live_version)
+            self._commit(rollout, candidate, report, committed, actor)
+
+    def _commit(self, rollout: Coordination, candidate: LoadedModel, report: SwapReport, committed: str | None,
+                actor: str) -> None:
+        """Phase two: the registry names the version, every worker flips to the candidate it holds."""
+        state = self.registry.promote(report.version, expected_current=committed, actor=actor,
+                                      event=HistoryEvent(report.event),
+                                      details={"timings": report.to_json()["timings"]})
+        report.generation = self.applied_generation = state.generation
+        self.metrics.generation(state.generation)
+        rollout.commit()
+        self._go_live(candidate, report)
+        report.converged = rollout.await_peers_serving(self.live_version)
+
+    def promote_staged(self, coordination: Coordination, candidate: LoadedModel, report: SwapReport) -> None:
+        """A passed canary's promotion: the commit of a rollout whose candidate every worker holds
+        (its coordinator holds the swap lock already)."""
+        report.event = HistoryEvent.PROMOTE
+        with self._swapping(report, "canary"):
+            self._commit(coordination, candidate, report, report.from_version, "canary")
 
     @contextmanager
     def _swapping(self, report: SwapReport, actor: str, *, announce: bool = True) -> Iterator[SwapReport]:
@@ -362,6 +377,7 @@ class ModelLifecycle:
             pid=self.board.pid, host=self.board.host, version=self.live_version, state=self._state.value,
             in_flight=self.in_flight(), rss_bytes=resident_bytes(), started_at=self._started_at,
             draining=self.draining, staged=self.rollouts.staged, stats=self.stats.summary()))
+        self.canary.publish()
 
     def stats_of_all_workers(self) -> list[dict[str, dict[str, Any]]]:
         """Recent per-version request outcomes of this process and every live peer."""
@@ -371,6 +387,7 @@ class ModelLifecycle:
 
     def unload(self, *, actor: str = "api") -> dict[str, Any]:
         """Free the model in every process following the registry; readiness then says why."""
+        self.canary.refuse_swaps()
         with self.swap_lock.hold("a swap is running; unload when it has finished"):
             state = self.registry.set_held(True, actor=actor)
             self.applied_generation = state.generation
@@ -379,6 +396,7 @@ class ModelLifecycle:
 
     def load(self, *, actor: str = "api") -> SwapReport | None:
         """Undo an unload: every process loads the registry's current version again."""
+        self.canary.refuse_swaps()
         with self.swap_lock.hold("a swap is running; load when it has finished"):
             # this process loads it below: its own watcher must not race it to the swap lock
             self.applied_generation = self.registry.set_held(False, actor=actor).generation

@@ -53,13 +53,14 @@ class Rollouts:
     # -- the coordinator's side ----------------------------------------------------------------
 
     @contextmanager
-    def coordinate(self, report: SwapReport) -> Iterator[Coordination]:
+    def coordinate(self, report: SwapReport, *, hold_s: float = 0.0) -> Iterator[Coordination]:
         """Claim the registry for one rollout (409 while another holds it) and release it after.
 
         Anything that goes wrong before the commit aborts the rollout with its reason, so every
-        follower drops its candidate; the exception goes on to the caller.
+        follower drops its candidate; the exception goes on to the caller. ``hold_s``: how long
+        the staged candidates may be held before the commit (a canary's window).
         """
-        rollout = self.board.begin(report.version, report.from_version, self.timeout_s)
+        rollout = self.board.begin(report.version, report.from_version, self.timeout_s + hold_s)
         coordination = Coordination(self, rollout, report)
         try:
             yield coordination
@@ -143,9 +144,17 @@ class Coordination:
         self.rollouts.stage(candidate, self.rollout.id)
         self.staged = True
 
+    def abort(self, reason: str) -> None:
+        """End the rollout uncommitted: every worker drops its candidate; nobody switched."""
+        self.rollouts.board.set_phase(self.rollout, "aborted", reason)
+        if self.staged:
+            self.rollouts.discard()
+            self.staged = False
+
     def await_peers_staged(self) -> None:
         """Phase one: every live peer has built and smoke-tested the version, or raise why not."""
         started = time.perf_counter()
+        deadline = min(self.rollout.deadline, time.time() + self.rollouts.timeout_s)
         try:
             while True:
                 peers = self.rollouts.board.peers()
@@ -160,7 +169,7 @@ class Coordination:
                                      f"{staged.reason}; no worker switched", outcome=staged.outcome or "load_failed")
                 if all(p.id in ours and ours[p.id].status == "ready" for p in peers):
                     return
-                if time.time() > self.rollout.deadline:
+                if time.time() > deadline:
                     waiting = [p.pid for p in peers if p.id not in ours or ours[p.id].status != "ready"]
                     raise SwapFailed(f"workers {waiting} did not stage {self.rollout.version!r} within "
                                      f"{self.rollouts.timeout_s:g} s; no worker switched", outcome="timeout")

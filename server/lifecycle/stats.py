@@ -90,3 +90,41 @@ def aggregate(summaries: list[dict[str, dict[str, Any]]], version: str, since: f
                 if ok:
                     window.latencies.append(latency)
     return window
+
+
+ALL_EMPTY = 0.95  # with no baseline to compare with, only this empty share is damning
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How much worse a version may be than its baseline; the watch's and the canary's rules."""
+
+    min_requests: int
+    max_error_rate_increase: float
+    max_empty_rate_increase: float
+    max_latency_ratio: float
+
+
+def compare(new: Window, old: Window, t: Thresholds, *, against: str) -> str | None:
+    """Why ``new`` is worse than ``old`` (``against`` names the baseline in the reason), or None.
+    Needs ``min_requests`` answers from the new version.
+
+    The old version's rates count only when it answered as many: a handful of requests (or none,
+    after a quiet minute) is no baseline. Without one, errors are compared with zero, an empty
+    share only when nearly every answer is empty (silence is normal traffic), and latency not at all.
+    """
+    if new.requests < t.min_requests:
+        return None
+    baseline = old.requests >= t.min_requests
+    old_errors = old.error_rate if baseline else 0.0
+    if new.error_rate > old_errors + t.max_error_rate_increase:
+        return f"error rate {new.error_rate:.1%} vs {old_errors:.1%} {against}"
+    if baseline and new.empty_rate > old.empty_rate + t.max_empty_rate_increase:
+        return f"empty transcripts {new.empty_rate:.1%} vs {old.empty_rate:.1%} {against}"
+    if not baseline and new.empty_rate >= ALL_EMPTY:
+        return f"empty transcripts {new.empty_rate:.1%} (no traffic {against} to compare with)"
+    new_p95, old_p95 = new.p95_s, old.p95_s
+    if new_p95 is not None and old_p95 is not None and baseline \
+            and new_p95 > old_p95 * t.max_latency_ratio and new_p95 - old_p95 > 0.05:
+        return f"p95 latency {new_p95 * 1000:.0f} ms vs {old_p95 * 1000:.0f} ms {against}"
+    return None

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from server.errors import VoxswapError
-from server.lifecycle.stats import Window, aggregate
+from server.lifecycle.stats import Thresholds, Window, aggregate, compare
 from server.settings import Settings
 from server.storage.files import write_json_atomic
 from server.storage.registry import Registry
@@ -40,32 +40,11 @@ class Watched(Protocol):
 
     def roll_back_to(self, version: str, *, from_version: str) -> None:
         """Swap back to ``version`` unless ``from_version`` is no longer current; raise if refused."""
-ALL_EMPTY = 0.95  # with no traffic before the swap to compare with, only this empty share is damning
-
-
 def judge(new: Window, old: Window, s: Settings) -> str | None:
-    """The reason to roll back, or None. Needs ``watch_min_requests`` answers from the new version.
-
-    The old version's rates count only when it answered as many before the swap: a handful of
-    requests (or none, after a quiet minute) is no baseline. Without one, errors are compared
-    with zero, an empty share only when nearly every answer is empty (silence is normal
-    traffic), and latency not at all.
-    """
-    if new.requests < s.watch_min_requests:
-        return None
-    baseline = old.requests >= s.watch_min_requests
-    old_errors = old.error_rate if baseline else 0.0
-    if new.error_rate > old_errors + s.watch_max_error_rate_increase:
-        return f"error rate {new.error_rate:.1%} vs {old_errors:.1%} before the swap"
-    if baseline and new.empty_rate > old.empty_rate + s.watch_max_empty_rate_increase:
-        return f"empty transcripts {new.empty_rate:.1%} vs {old.empty_rate:.1%} before the swap"
-    if not baseline and new.empty_rate >= ALL_EMPTY:
-        return f"empty transcripts {new.empty_rate:.1%} (no traffic before the swap to compare with)"
-    new_p95, old_p95 = new.p95_s, old.p95_s
-    if new_p95 is not None and old_p95 is not None and baseline \
-            and new_p95 > old_p95 * s.watch_max_latency_ratio and new_p95 - old_p95 > 0.05:
-        return f"p95 latency {new_p95 * 1000:.0f} ms vs {old_p95 * 1000:.0f} ms before the swap"
-    return None
+    """The reason to roll back, or None (see :func:`server.lifecycle.stats.compare`)."""
+    rules = Thresholds(s.watch_min_requests, s.watch_max_error_rate_increase, s.watch_max_empty_rate_increase,
+                       s.watch_max_latency_ratio)
+    return compare(new, old, rules, against="before the swap")
 
 
 @dataclass

@@ -53,6 +53,8 @@ async def _follow(ctx: AppContext, lifecycle: ModelLifecycle) -> None:
                 pending = not await asyncio.to_thread(lifecycle.follow_registry)
             if lifecycle.board.rollout_path.exists() or lifecycle.has_candidate or lifecycle.rollouts.staged:
                 await asyncio.to_thread(lifecycle.rollouts.follow)
+            if lifecycle.canary.active() is not None:
+                await asyncio.to_thread(lifecycle.canary.check)  # its coordinator may have died
         except Exception:  # the watcher must survive anything one swap does, and try again
             pending = True
             log.exception("following the registry failed", extra={"event": "watch_error", "model": lifecycle.name})

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from server.errors import VersionNotLoaded
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
+from server.service.shadow import ShadowRunner
 from server.settings import Settings
 from server.speech import audio, richtext, segmenter
 
@@ -64,10 +66,11 @@ class TranscriptionService:
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
+        self.shadow = ShadowRunner(settings.shadow_queue, self._run_candidate)
 
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None,
-        model: ModelLifecycle | None = None,
+        model: ModelLifecycle | None = None, client_key: str = "",
     ) -> Transcription:
         """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
 
@@ -79,22 +82,50 @@ class TranscriptionService:
         hop. A separate decoding pool would add a second queue to size and a second hop.
 
         ``model`` is the named model to run (the default model's when None), ``version`` a pinned
-        loaded version of it (its live version when None).
+        loaded version of it (its live version when None, or a canary's candidate for a client in
+        its share, by ``client_key``).
         """
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
-                                   model or self.models.default)
+                                   model or self.models.default, client_key)
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
         return audio.decode(data, max_seconds=self.settings.max_audio_seconds).samples
 
-    def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool,
-                               version: str | None, model: ModelLifecycle) -> Transcription:
-        return self.transcribe_samples(self.decode(data), language, use_itn, version, model)
+    def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool, version: str | None,
+                               model: ModelLifecycle, client_key: str) -> Transcription:
+        return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key)
 
     def transcribe_samples(
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None,
-        model: ModelLifecycle | None = None,
+        model: ModelLifecycle | None = None, client_key: str = "",
+    ) -> Transcription:
+        """Blocking: the version asked for, else a canary's split decides; a shadow mirrors the
+        request once the live answer is known. A candidate that went away between the split and
+        the lease (its canary ended) leaves the request to the live version, never to a 409."""
+        lifecycle = model or self.models.default
+        routed = lifecycle.canary.route(client_key) if version is None else None
+        try:
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, routed or version)
+        except VersionNotLoaded:
+            if routed is None:
+                raise
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, None)
+        if version is None and routed is None and (mirror := lifecycle.canary.mirror()) is not None:
+            canary_id, candidate = mirror
+            self.shadow.submit(lifecycle, canary_id, candidate, samples, language, use_itn, result.text)
+        return result
+
+    def _run_candidate(self, lifecycle: ModelLifecycle, version: str, samples: NDArray[np.float32],
+                       language: str, use_itn: bool) -> tuple[str, float]:
+        """A shadow's mirror: the candidate's transcript of the same samples, and its inference time."""
+        file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle)
+        file.run()
+        return file.result().text, file.elapsed_s
+
+    def _transcribe_on(
+        self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
+        version: str | None,
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
@@ -102,7 +133,6 @@ class TranscriptionService:
         Only requests feed the post-swap watch: a batch job's minutes of audio are no request
         latency, and counting them would judge a new version by the jobs it happened to get.
         """
-        lifecycle = model or self.models.default
         file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle)
         try:
             file.run()

@@ -153,8 +153,15 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "host": settings.host, "port": settings.port, "log_config": None, "http": http_protocol(settings),
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "timeout_graceful_shutdown": max(1, round(settings.drain_timeout_s)),
+        "proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips(settings),
     }
     return uvicorn.Config(app, **{**options, **overrides})
+
+
+def forwarded_allow_ips(settings: Settings) -> str:
+    """The peers whose ``X-Forwarded-For`` uvicorn believes for the client's address (a canary's
+    split, logs): ``VOXSWAP_TRUSTED_PROXIES``. Nobody's when it is empty."""
+    return ",".join(str(net) for net in settings.trusted_proxies) or "''"
 
 
 def warn_if_exposed(settings: Settings) -> bool:
@@ -301,6 +308,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout": settings.worker_timeout_s,
         "graceful_timeout": int(settings.shutdown_delay_s + settings.drain_timeout_s) + 5,
         "keepalive": settings.keepalive_timeout_s,
+        "forwarded_allow_ips": forwarded_allow_ips(settings),
         "preload_app": False,  # load the model after fork, in each worker
         "control_socket_disable": True,  # gunicorn 27 would otherwise create ~/.gunicorn/gunicorn.ctl
         "accesslog": None,
