@@ -3,6 +3,7 @@ promoted or dropped by itself; the live version's answers never fail meanwhile."
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -204,3 +205,41 @@ def test_behind_a_trusted_proxy_the_split_follows_the_forwarded_address(
             versions[i] = got.pop()
         assert len(set(versions.values())) == (2 if trusted else 1)
         assert http.delete("/admin/model/canary", headers=AUTH).json()["state"] == "stopped"
+
+
+def test_the_cli_starts_follows_and_stops_a_canary(make_settings: Callable[..., Settings], speech_wav: bytes,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from server.tools.cli import main as cli
+
+    with serve_in_thread(create_app(make_settings())) as url:
+        server = ["--server", url, "--token", AUTH["Authorization"].split()[1]]
+        assert cli(["canary", "start", "--version", "b", "--percent", "50", "--duration", "600", *server]) == 0
+        assert "canary of b on sensevoice: running" in capsys.readouterr().out
+        assert cli(["canary", "status", "--json", *server]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "running"
+        assert cli(["canary", "stop", *server]) == 0
+        assert ": stopped" in capsys.readouterr().out
+        assert cli(["canary", "stop", *server]) == 1  # nothing runs any more
+        assert "already ended" in capsys.readouterr().err
+
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                i = 0
+                while not stop.is_set():
+                    http.post("/api/transcribe", files={"file": ("c.wav", speech_wav, "audio/wav")},
+                              headers={"X-Canary-Key": f"k{i % 30}"})
+                    i += 1
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            code = cli(["canary", "start", "--version", "b", "--percent", "50", "--duration", "2", "--on-pass",
+                        "promote", "--min-requests", "5", "--wait", *server])
+        finally:
+            stop.set()
+            thread.join()
+        assert code == 0, capsys.readouterr()
+        assert "promoted" in capsys.readouterr().out
+        assert httpx.get(f"{url}/admin/model/versions", headers=AUTH).json()["current"] == "b"

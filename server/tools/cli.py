@@ -128,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("out", type=Path)
     exp.set_defaults(func=_registry_export)
+    can = sub.add_parser("canary", help="canary or shadow rollouts on a running server")
+    can.add_argument("canary_command", choices=["start", "status", "stop"])
+    can.add_argument("--server", default="http://127.0.0.1:7860", help="server URL (default %(default)s)")
+    can.add_argument("--token", help="admin token (default: env VOXSWAP_ADMIN_TOKEN)")
+    can.add_argument("--model", help="the named model (default: the default model)")
+    can.add_argument("--version", help="start: the candidate")
+    can.add_argument("--mode", choices=["canary", "shadow"])
+    can.add_argument("--percent", type=float, help="of clients (canary) or requests (shadow)")
+    can.add_argument("--duration", type=float, dest="duration_s", help="seconds before it is judged")
+    can.add_argument("--on-pass", choices=["promote", "hold"])
+    can.add_argument("--min-requests", type=_positive)
+    can.add_argument("--wait", action="store_true", help="start: follow it to its verdict (exit 1 unless it passed)")
+    can.add_argument("--json", action="store_true")
+    can.set_defaults(func=_canary)
     jobs = sub.add_parser("jobs", help="manage the batch-job queue")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     mig = jsub.add_parser("migrate", help="copy every job of an SQLite store into a PostgreSQL one")
@@ -325,6 +339,19 @@ def _registry_export(args: argparse.Namespace) -> int:
     out = _registry(args).export_archive(args.name, args.out)
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
     return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from server.tools.canary import CanaryClient, run
+
+    token = args.token or os.environ.get("VOXSWAP_ADMIN_TOKEN", "")
+    if args.canary_command == "start" and not args.version:
+        print("error: canary start needs --version", file=sys.stderr)
+        return 2
+    body = {"version": args.version, "mode": args.mode, "percent": args.percent, "duration_s": args.duration_s,
+            "on_pass": args.on_pass, "criteria": {"min_requests": args.min_requests} if args.min_requests else None}
+    return run(args.canary_command, CanaryClient(args.server, token, args.model), body, wait=args.wait,
+               as_json=args.json, timeout_s=120)
 
 
 def _jobs_migrate(args: argparse.Namespace) -> int:
