@@ -125,6 +125,7 @@ def test_unloading_one_model_frees_only_it_and_readiness_can_be_scoped(
         assert c.get("/health/ready", params={"model": "nope"}).status_code == 404
         status = {m["name"]: m for m in c.get("/api/system/status").json()["models"]}
         assert status["meeting"]["model_memory_bytes"] == 0 and status["sensevoice"]["model_memory_bytes"] > 0
+        assert status["meeting"]["generated"] is True  # told by the current version's manifest while unloaded
     with TestClient(create_app(make_settings())) as c:  # default: every model with a current version
         ready = c.get("/health/ready")
         assert ready.status_code == 503 and "meeting" in ready.json()["reason"]

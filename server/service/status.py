@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.errors import VoxswapError
 from server.lifecycle.policy import ModelLifecycle
 from server.service.context import AppContext
 
@@ -79,7 +80,7 @@ def model_status(ctx: AppContext, lifecycle: ModelLifecycle) -> dict[str, Any]:
         "model_file": live.engine.model_file if live else None,
         "device": live.engine.device if live else ctx.settings.device,
         "providers": live.engine.providers if live else [],
-        "generated": bool(live and live.engine.metadata.get("voxswap_test_model") == "1"),
+        "generated": _generated(lifecycle),
         "smoke": live.smoke.to_json() if live else None,
         "versions": [m.name for m in lifecycle.registry.versions()],
         "loaded_versions": lifecycle.loaded_versions(),
@@ -87,3 +88,15 @@ def model_status(ctx: AppContext, lifecycle: ModelLifecycle) -> dict[str, Any]:
         "rollout": rollout.to_json() if rollout else None,
         "watch": lifecycle.watch.current(),
     }
+
+
+def _generated(lifecycle: ModelLifecycle) -> bool:
+    """The live version, else the current one, is a generated stand-in (its graph or its manifest says so)."""
+    live = lifecycle.live
+    if live is not None:
+        return live.engine.metadata.get("voxswap_test_model") == "1"
+    current = lifecycle.registry.state().current
+    try:
+        return bool(current and lifecycle.registry.manifest(current).metadata.get("generated"))
+    except VoxswapError:
+        return False

@@ -65,6 +65,7 @@ from server.storage.manifest import (
     check_model_folder,
     detect_kind,
     is_folder_clip,
+    is_generated,
     parse_kind,
     relative_files,
     validate_name,
@@ -251,7 +252,7 @@ class Registry:
                     source=source if source is not None else str(src.absolute()),
                     files=files,
                     smoke=clips,
-                    metadata=metadata or {},
+                    metadata={**({"generated": True} if is_generated(staging) else {}), **(metadata or {})},
                     kind=found,
                 )
                 write_json_atomic(staging / MANIFEST, manifest.to_json())
