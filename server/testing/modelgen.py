@@ -11,7 +11,6 @@ text, so two versions built with different texts tell a test which version serve
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +20,14 @@ import sentencepiece as spm
 from onnx import TensorProto, helper, numpy_helper
 
 from server.testing import synth
+from server.testing.onnx_build import FEATURE_DIM, HIDDEN, IR_VERSION, LOUDNESS_GATE, OPSET  # noqa: F401
+from server.testing.onnx_build import big_weights as _big_weights
+from server.testing.onnx_build import calibrated_repeats as _calibrated_repeats
+from server.testing.onnx_build import compute_chain as _compute_chain
+from server.testing.onnx_build import identity_cmvn as _identity_cmvn
 from server.vocab import LANGUAGES, Language
 
-FEATURE_DIM = 560  # 80 mel bins x lfr_m 7
 QUERY_FRAMES = 4  # the real export prepends 4 query frames to the encoder output
-LOUDNESS_GATE = 9.0  # mean log-mel of a frame; digital silence sits at -15.9, -40 dBFS speech ~11
-OPSET = 17
-IR_VERSION = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
-HIDDEN = 256  # width of the --compute-ms work chain
 
 # SenseVoice's ids for each language (a test keeps the keys equal to LANGUAGES)
 LANGUAGE_IDS: dict[Language, int] = {"auto": 0, "zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13}
@@ -101,17 +100,6 @@ def make_test_model(out_dir: Path, spec: TestModelSpec) -> Path:
     (smoke / "clip.wav").write_bytes(synth.wav_bytes(synth.speech_like(spec.smoke_seconds, seed=7)))
     (smoke / "clip.txt").write_text(spec.text + "\n")
     return out_dir
-
-
-def _identity_cmvn() -> str:
-    """Kaldi text CMVN with shift 0 and scale 1, so the graph sees raw log-mel features."""
-    zeros = " ".join(["0"] * FEATURE_DIM)
-    ones = " ".join(["1"] * FEATURE_DIM)
-    return (
-        "<Nnet>\n<Splice> 560 560\n[ 0 ]\n"
-        f"<AddShift> {FEATURE_DIM} {FEATURE_DIM}\n<LearnRateCoef> 0 [ {zeros} ]\n"
-        f"<Rescale> {FEATURE_DIM} {FEATURE_DIM}\n<LearnRateCoef> 0 [ {ones} ]\n</Nnet>\n"
-    )
 
 
 def _train_tokenizer(path: Path, texts: list[str]) -> spm.SentencePieceProcessor:
@@ -284,83 +272,6 @@ def _build_graph(spec: TestModelSpec, sp: spm.SentencePieceProcessor, repeats: i
     })
     onnx.checker.check_model(model)
     return model
-
-
-def _big_weights(weights_mb: int) -> TensorProto:
-    rows = weights_mb * 256  # 256 rows x 1024 float32 = 1 MiB
-    # a cheap, non-constant fill: every page is written, nothing compresses or folds away
-    data = np.tile(np.linspace(-1.0, 1.0, 1024, dtype=np.float32), (rows, 1))
-    data[:, 0] = np.arange(rows, dtype=np.float32)
-    return numpy_helper.from_array(data, "big_weights")
-
-
-def _compute_chain(repeats: int) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """Per-frame MatMul work repeated in a Loop: cost grows with audio length like an encoder's."""
-    rng = np.random.default_rng(0)
-    w_in = (rng.standard_normal((FEATURE_DIM, HIDDEN)) / np.sqrt(FEATURE_DIM)).astype(np.float32)
-    w_hidden = (rng.standard_normal((HIDDEN, HIDDEN)) / np.sqrt(HIDDEN)).astype(np.float32)
-    N = helper.make_node
-    body = helper.make_graph(
-        [
-            N("MatMul", ["h_in", "w_hidden"], ["h_mm"]),
-            N("Tanh", ["h_mm"], ["h_out"]),
-            N("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "work_body",
-        inputs=[
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None),
-        ],
-        outputs=[
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None),
-        ],
-    )
-    inits = [
-        numpy_helper.from_array(w_in, "w_in"),
-        numpy_helper.from_array(w_hidden, "w_hidden"),
-        numpy_helper.from_array(np.array(repeats, np.int64), "work_repeats"),
-        numpy_helper.from_array(np.array(True), "work_cond"),
-    ]
-    nodes = [
-        N("MatMul", ["speech", "w_in"], ["h0_mm"]),
-        N("Tanh", ["h0_mm"], ["h0"]),
-        N("Loop", ["work_repeats", "work_cond", "h0"], ["h_final"], body=body),
-        N("ReduceMean", ["h_final"], ["work_mean"], keepdims=0),
-    ]
-    return nodes, inits
-
-
-def _calibrated_repeats(compute_ms: float, threads: int = 2) -> int:
-    """How many chain steps cost ``compute_ms`` per audio second on this machine, measured now."""
-    import onnxruntime as ort
-
-    probe_repeats = 40
-    frames_per_second = 16000 // 160 // 6 + 1  # LFR frames in one second of audio
-    nodes, inits = _compute_chain(probe_repeats)
-    graph = helper.make_graph(
-        nodes,
-        "calibrate",
-        [helper.make_tensor_value_info("speech", TensorProto.FLOAT, [1, None, FEATURE_DIM])],
-        [helper.make_tensor_value_info("work_mean", TensorProto.FLOAT, [])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feats = np.zeros((1, frames_per_second, FEATURE_DIM), np.float32)
-    session.run(None, {"speech": feats})
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        session.run(None, {"speech": feats})
-        runs.append(time.perf_counter() - start)
-    per_repeat_ms = sorted(runs)[len(runs) // 2] * 1000 / probe_repeats
-    return max(1, round(compute_ms / max(per_repeat_ms, 1e-4)))
 
 
 def read_test_model_props(model_file: Path) -> dict[str, str]:
