@@ -2,7 +2,11 @@
 # Rolling upgrade of voxswap instances behind a load balancer, one at a time, with automatic rollback.
 #
 #   ./deploy.sh --instances http://10.0.0.1:7860,http://10.0.0.2:7860 --version v2 \
-#               [--model-dir DIR] [--token T] [--watch-seconds S] [--timeout S] [--dry-run]
+#               [--model NAME] [--model-dir DIR] [--token T] [--watch-seconds S] [--timeout S] [--dry-run]
+#
+# --model NAME deploys a version of that named model (/admin/models/NAME/...; the upload creates the
+# model where it is missing) and leaves the others alone; without it, the default model, through the
+# /admin/model/... routes that servers of every release answer.
 #
 # For each instance: upload the version if its registry lacks it (tar.gz of DIR, checksums verified
 # on arrival), update it with a post-swap watch, wait until every worker serves it and it is ready,
