@@ -3,6 +3,11 @@
 #
 #   ./deploy.sh --instances http://10.0.0.1:7860,http://10.0.0.2:7860 --version v2 \
 #               [--model NAME] [--model-dir DIR] [--token T] [--watch-seconds S] [--timeout S] [--dry-run]
+#               [--canary PERCENT [--canary-seconds S] [--canary-min-requests N]]
+#
+# --canary PERCENT first runs a canary on the first instance: that share of its clients answered by
+# the new version, judged beside the live one for --canary-seconds; only a promotion lets the rolling
+# upgrade go on (a failed or inconclusive canary stops the deploy with nothing changed).
 #
 # --model NAME deploys a version of that named model (/admin/models/NAME/...; the upload creates the
 # model where it is missing) and leaves the others alone; without it, the default model, through the

@@ -91,6 +91,7 @@ class LoadGenerator:
     pause_s: float = 0.0
     timeout_s: float = 60.0
     form: dict[str, str] = field(default_factory=dict)  # e.g. {"model": "meeting"}
+    canary_keys: int = 0  # > 0: requests carry X-Canary-Key load-0 .. load-(n-1) in turn, as many clients
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -117,8 +118,11 @@ class LoadGenerator:
 
     def _client(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=self.timeout_s) as client:
+            sent = 0
             while not self._stop.is_set():
-                self._record(post_clip(client, self.path, self.clip, **self.form))
+                headers = {"X-Canary-Key": f"load-{sent % self.canary_keys}"} if self.canary_keys else None
+                sent += 1
+                self._record(post_clip(client, self.path, self.clip, headers=headers, **self.form))
                 if self.pause_s:
                     time.sleep(self.pause_s)
 
@@ -135,10 +139,11 @@ class LoadGenerator:
             return len(self.outcomes)
 
 
-def post_clip(client: httpx.Client, path: str, clip: bytes, **form: str) -> Outcome:
+def post_clip(client: httpx.Client, path: str, clip: bytes, *, headers: dict[str, str] | None = None,
+              **form: str) -> Outcome:
     started = time.monotonic()
     try:
-        response = client.post(path, files={"file": ("clip.wav", clip, "audio/wav")}, data=form)
+        response = client.post(path, files={"file": ("clip.wav", clip, "audio/wav")}, data=form, headers=headers)
     except httpx.HTTPError as exc:
         return Outcome(started, time.monotonic(), 0, None, None, f"{type(exc).__name__}: {exc}")
     finished = time.monotonic()

@@ -153,3 +153,49 @@ def test_deploying_a_named_model_to_a_server_without_named_models_changes_nothin
     with serve_in_thread(FastAPI()) as url:  # answers 404 to everything, as /admin/models on an older release
         done = _deploy(url, "n1", "--model", "notes")
     assert done.returncode == 2 and "serves no named models" in done.stdout, done.stdout
+
+
+def _two_instances(tmp_path: Path, model_dir: Callable[..., Path], new_text: str) -> tuple[Registry, Registry]:
+    registries = []
+    for name in ("first", "second"):
+        reg = Registry(tmp_path / name).ensure()
+        reg.add(model_dir(TEXT_A), "old")
+        reg.add(model_dir(new_text), "new")
+        reg.promote("old")
+        registries.append(reg)
+    return registries[0], registries[1]
+
+
+def test_deploy_with_a_canary_goes_on_only_after_the_first_instance_promoted_it(
+    tmp_path: Path, model_dir: Callable[..., Path]
+) -> None:
+    first, second = _two_instances(tmp_path, model_dir, TEXT_B)
+    clip = synth.wav_bytes(synth.speech_like(1.0))
+    with serve_in_thread(create_app(_settings(first))) as one, serve_in_thread(create_app(_settings(second))) as two, \
+            LoadGenerator(one, clip, concurrency=2, canary_keys=40) as load:
+        done = subprocess.run([str(DEPLOY), "--instances", f"{one},{two}", "--version", "new", "--token", TOKEN,
+                               "--watch-seconds", "0", "--canary", "50", "--canary-seconds", "3",
+                               "--canary-min-requests", "5"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "canary of new on sensevoice: promoted" in done.stdout, done.stdout
+    assert load.failures() == []
+    assert {o.version for o in load.outcomes} == {"old", "new"}
+    assert (first.state().current, second.state().current) == ("new", "new")
+    assert [e["event"] for e in first.history()].count("canary_promoted") == 1
+
+
+def test_deploy_stops_with_nothing_changed_when_the_canary_fails(
+    tmp_path: Path, model_dir: Callable[..., Path]
+) -> None:
+    first, second = _two_instances(tmp_path, model_dir, "")  # the new version answers nothing
+    clip = synth.wav_bytes(synth.speech_like(1.0))
+    with serve_in_thread(create_app(_settings(first))) as one, serve_in_thread(create_app(_settings(second))) as two, \
+            LoadGenerator(one, clip, concurrency=2, canary_keys=40) as load:
+        done = subprocess.run([str(DEPLOY), "--instances", f"{one},{two}", "--version", "new", "--token", TOKEN,
+                               "--canary", "50", "--canary-seconds", "60", "--canary-min-requests", "5"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "the canary ended failed" in done.stdout and "empty transcripts" in done.stdout, done.stdout
+    assert load.failures() == []
+    assert (first.state().current, second.state().current) == ("old", "old")
+    assert [e["event"] for e in second.history()].count("promote") == 1  # old's, before the deploy: no other

@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with inst.client() as c:
                     _check_serving(c, inst, args.version, args.timeout, clip, say, tag)
                 continue
+            if args.canary and not any(other.upgraded for other in instances):
+                _canary_first(inst, args, clip, say, tag)
+                continue
             _upgrade(inst, args.version, args.watch_seconds, args.timeout, clip, say, tag)
     except (DeployError, httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
         say(f"FAILED: {exc}")
@@ -135,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="admin token (default: env VOXSWAP_ADMIN_TOKEN)")
     p.add_argument("--watch-seconds", type=float, default=30.0, help="post-swap watch per instance")
     p.add_argument("--timeout", type=float, default=300.0, help="per-instance limit for workers to converge")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="first run a canary on the first instance: PERCENT of its clients on the new version, "
+                        "judged beside the live one; the rolling upgrade goes on only if it is promoted")
+    p.add_argument("--canary-seconds", type=float, default=300.0, help="the canary's window (default %(default)s)")
+    p.add_argument("--canary-min-requests", type=int, help="answers each side needs (default: the server's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     return p
 
@@ -216,6 +224,33 @@ def _upgrade(inst: Instance, version: str, watch_s: float, timeout_s: float, cli
             if verdict["state"] not in ("passed", "inconclusive"):
                 raise DeployError(f"{inst.where}: watch {verdict['state']}: {verdict.get('reason')}")
             say(f"{tag} {inst.where}: watch {verdict['state']} {_watch_numbers(verdict)}")
+
+
+def _canary_first(inst: Instance, args: argparse.Namespace, clip: tuple[bytes, str | None], say: Any,
+                  tag: str) -> None:
+    """The first instance earns the version through a canary (``on_pass: promote``); anything but a
+    promotion stops the deploy, with nothing changed anywhere (a failed canary never left the live
+    version)."""
+    from server.tools.canary import CanaryClient, CanaryFailed, summary
+
+    client = CanaryClient(inst.url, inst.token, inst.model)
+    body = {"version": args.version, "mode": "canary", "percent": args.canary, "duration_s": args.canary_seconds,
+            "on_pass": "promote", "expected_current": inst.before,
+            "criteria": {"min_requests": args.canary_min_requests} if args.canary_min_requests else None}
+    with client.http:
+        try:
+            state = client.start(body)
+            say(f"{tag} {inst.where}: canary started: {args.canary:g}% of clients on {args.version} for "
+                f"{args.canary_seconds:g} s")
+            state = client.wait(timeout_s=args.canary_seconds + args.timeout)
+        except CanaryFailed as exc:
+            raise DeployError(f"{inst.where}: canary: {exc}") from exc
+    say(f"{tag} {inst.where}: {summary(state)}")
+    if state["state"] != "promoted":
+        raise DeployError(f"{inst.where}: the canary ended {state['state']}, not promoted; no instance changed")
+    inst.upgraded = True
+    with inst.client() as c:
+        _check_serving(c, inst, args.version, args.timeout, clip, say, tag)
 
 
 def _check_serving(c: httpx.Client, inst: Instance, version: str, timeout_s: float,
