@@ -32,9 +32,42 @@ LANGUAGE_NAMES: dict[Language, str] = {
 
 class ModelKind(StrEnum):
     """What family a named model is, so which engine loads it; recorded in every version's manifest.
-    A model holds versions of one kind only."""
+    A model holds versions of one kind only. One kind per model family funasr-onnx runs."""
 
     SENSEVOICE = "sensevoice"
+    PARAFORMER = "paraformer"
+    SEACO_PARAFORMER = "seaco-paraformer"
+    CONTEXTUAL_PARAFORMER = "contextual-paraformer"
+    CT_PUNC = "ct-punc"
+    FSMN_VAD = "fsmn-vad"
+
+    @property
+    def transcribes(self) -> bool:
+        """Audio in, text out: a transcription route may name a model of this kind."""
+        return self in ASR_KINDS
+
+    @property
+    def takes_hotwords(self) -> bool:
+        """Biased towards words a request names (SeACo and contextual Paraformer only)."""
+        return self in HOTWORD_KINDS
+
+    @property
+    def role(self) -> str:
+        """What a model of this kind does, in the words an error message uses ("a punctuation model")."""
+        return KIND_ROLES[self]
+
+
+ASR_KINDS: frozenset[ModelKind] = frozenset({ModelKind.SENSEVOICE, ModelKind.PARAFORMER,
+                                             ModelKind.SEACO_PARAFORMER, ModelKind.CONTEXTUAL_PARAFORMER})
+HOTWORD_KINDS: frozenset[ModelKind] = frozenset({ModelKind.SEACO_PARAFORMER, ModelKind.CONTEXTUAL_PARAFORMER})
+KIND_ROLES: dict[ModelKind, str] = {
+    ModelKind.SENSEVOICE: "speech recognition",
+    ModelKind.PARAFORMER: "speech recognition",
+    ModelKind.SEACO_PARAFORMER: "speech recognition",
+    ModelKind.CONTEXTUAL_PARAFORMER: "speech recognition",
+    ModelKind.CT_PUNC: "punctuation",
+    ModelKind.FSMN_VAD: "voice activity detection",
+}
 
 
 # What a request's ``model`` may say to mean "the default model's live version" (OpenAI clients

@@ -85,7 +85,6 @@ def test_each_model_has_its_own_admin_routes_history_status_and_metrics(two_mode
     by_name = {m["name"]: m for m in listed["models"]}
     assert by_name["meeting"]["live_version"] == "m1" and by_name["sensevoice"]["live_version"] == "a"
     assert by_name["meeting"]["kind"] == "sensevoice" and by_name["meeting"]["generated"] is True
-    assert by_name["meeting"]["model_memory_bytes"] > 0
     r = c.post("/admin/models/meeting/update", json={"version": "m2", "expected_current": "m1"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert (r.json()["model"], r.json()["version"], r.json()["from_version"]) == ("meeting", "m2", "m1")
@@ -124,7 +123,8 @@ def test_unloading_one_model_frees_only_it_and_readiness_can_be_scoped(
         assert scoped.status_code == 503 and "meeting" in scoped.json()["reason"]
         assert c.get("/health/ready", params={"model": "nope"}).status_code == 404
         status = {m["name"]: m for m in c.get("/api/system/status").json()["models"]}
-        assert status["meeting"]["model_memory_bytes"] == 0 and status["sensevoice"]["model_memory_bytes"] > 0
+        # a load's memory is what the process grew by (0 in a process warm from earlier loads); unloaded is 0
+        assert status["meeting"]["model_memory_bytes"] == 0 and status["meeting"]["live_version"] is None
         assert status["meeting"]["generated"] is True  # told by the current version's manifest while unloaded
     with TestClient(create_app(make_settings())) as c:  # default: every model with a current version
         ready = c.get("/health/ready")

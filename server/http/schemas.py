@@ -84,7 +84,7 @@ class Segment(Closed):
 class Transcription(Closed):
     text: str
     raw_text: str = Field(description="The model's output with its SenseVoice tags, segments joined")
-    language: str | None
+    language: str | None = Field(description="From SenseVoice's tags; null for a model without them (Paraformer)")
     emotion: str | None
     events: list[str]
     model: str = Field(description="The named model that answered (also the X-Model header)")
@@ -165,10 +165,11 @@ class Liveness(Closed):
 
 
 class SmokeClipResult(Closed):
-    clip: str = Field(description="The clip's file, or builtin:speech / builtin:silence")
-    expected: str | None
+    clip: str = Field(description="The clip's file, or builtin:speech / builtin:silence / builtin:punctuation")
+    expected: str | None = Field(description="The golden answer (fsmn-vad: its segments as JSON); null for built-ins")
     got: str
-    cer: float | None = Field(description="Character error rate; null when nothing was expected")
+    cer: float | None = Field(description="Character error rate (ct-punc: the share of punctuation that differs); "
+                                          "null when nothing was expected")
     latency_s: float
     passed: bool
     reason: str
@@ -331,10 +332,12 @@ class ManifestFile(Closed):
 
 
 class SmokeClip(Closed):
-    audio: str
-    text: str
+    audio: str = Field(description="The golden input in the version: a recording, or for ct-punc the text file")
+    text: str = Field(description="What it must give: the transcript, or the punctuated text (empty for fsmn-vad)")
     language: str
     use_itn: bool
+    segments: list[list[int]] | None = Field(None, description="fsmn-vad: the speech segments, [start_ms, end_ms]")
+    tolerance_ms: int | None = Field(None, description="fsmn-vad: how far a boundary may be off (null: 400 ms)")
 
 
 class Manifest(Closed):

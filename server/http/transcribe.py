@@ -24,6 +24,7 @@ from server.vocab import LANGUAGES, Language, ModelKind, pinned_name
 router = APIRouter()
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 TRANSCRIPTION_ERRORS = schemas.errors(400, 404, 409, 413, 415, 503, 504)
+HOTWORDS_MAX_LENGTH = 1100  # 100 hotwords of 10 characters, spaced
 
 
 def _headers(result: Transcription) -> dict[str, str]:
@@ -40,12 +41,16 @@ async def transcribe(
     use_itn: Annotated[bool, Form()] = False,
     model: Annotated[str, Form(description="A model name, NAME@VERSION, or nothing for the default model",
                                )] = "",
+    hotwords: Annotated[str, Form(max_length=HOTWORDS_MAX_LENGTH, description=(
+        "Space-separated words (up to 10 characters each) to bias a seaco-paraformer or "
+        "contextual-paraformer model towards; a 400 for a model that cannot use them"))] = "",
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    """Speech recognition models only: a punctuation or voice activity model is a 400."""
     target = routing.resolve(ctx.models, model, x_model_version)
     result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
                                           model=target.model, version=target.version,
-                                          client_key=canary_key(request))
+                                          client_key=canary_key(request), hotwords=hotwords)
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
@@ -67,13 +72,16 @@ async def openai_transcriptions(
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """OpenAI's transcription API; ``prompt`` and ``temperature`` are accepted and ignored."""
+    """OpenAI's transcription API. ``prompt`` is a seaco or contextual Paraformer's hotwords (its
+    words of up to 10 characters) and ignored for other models; ``temperature`` is ignored."""
     lang = (language or "auto").lower()
     if lang not in LANGUAGES:
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
     target = routing.resolve(ctx.models, model, x_model_version)
+    hotwords = ctx.service.prompt_hotwords(target.model, prompt)
     result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
-                                          version=target.version, client_key=canary_key(request))
+                                          version=target.version, client_key=canary_key(request),
+                                          hotwords=hotwords)
     headers = _headers(result)
     if response_format == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)

@@ -1,4 +1,5 @@
-"""Build a candidate beside the live model: verify its files, load its engine, smoke-test it.
+"""Build a candidate beside the live model: verify its files, load its engine (of the kind its
+manifest records), smoke-test it (in that kind's form).
 
 The answer is a :class:`LoadedModel` ready to serve, or a :class:`SwapFailed` whose ``outcome``
 (verify_failed, load_failed, smoke_failed) and message say why it was refused. A refusal closes
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
-from server.engines.sensevoice import Engine, EngineLoadError
+from server.engines.base import EngineLoadError
+from server.engines.factory import load_engine
 from server.errors import NotFound, SwapFailed, VerificationFailed
 from server.lifecycle.holder import LoadedModel, resident_bytes
 from server.lifecycle.report import SwapReport
@@ -27,6 +30,7 @@ class CandidateBuilder:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
+        self.lean: Callable[[str], bool] = lambda version: False  # build it with one intra-op thread
 
     def build(self, version: str, report: SwapReport, *, role: str = "coordinator") -> LoadedModel:
         """Verify, load and smoke-test ``version``; each phase's time goes into ``report``."""
@@ -47,8 +51,9 @@ class CandidateBuilder:
         try:
             if fault:
                 raise EngineLoadError(f"fault injected: {fault}")
-            engine = Engine(path, model_file=manifest.model_file(self.settings.prefer_quantized),
-                            threads=self.settings.intra_op_threads, device=self.settings.device)
+            engine = load_engine(manifest.kind, path, manifest.model_file(self.settings.prefer_quantized),
+                                 threads=1 if self.lean(version) else self.settings.intra_op_threads,
+                                 device=self.settings.device)
         except EngineLoadError as exc:
             # onnxruntime names the file it failed on; clients get the version, not our disk layout
             reason = str(exc).replace(str(path), f"<{version}>")

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from server.engines.sensevoice import Engine
+from server.engines.base import BaseEngine
 from server.errors import NotReady, VersionNotLoaded
 from server.lifecycle.report import SwapReport
 from server.lifecycle.smoke import SmokeReport
@@ -38,7 +38,7 @@ class LoadedModel:
     version: str
     path: Path
     manifest: Manifest
-    engine: Engine
+    engine: BaseEngine
     loaded_at: float
     load_s: float
     memory_bytes: int

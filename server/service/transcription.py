@@ -4,12 +4,18 @@ Routes call this service; the service admits the request to the inference pool, 
 audio and leases a model version inside the inference thread, and labels the answer with that
 version. Batch jobs drive the same :class:`FileTranscription` one batch at a time (see
 ``server.service.jobs``).
+
+Any speech recognition kind answers (``ModelKind.transcribes``). SenseVoice's raw output carries
+tags (language, emotion, events) parsed into fields; a Paraformer's is the text itself. A model of
+another kind (punctuation, voice activity detection) is refused with a 400 before any audio is
+decoded, as are hotwords sent to a model that cannot use them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,7 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server.errors import VersionNotLoaded
+from server.engines.base import MAX_HOTWORD_CHARS, MAX_HOTWORDS, AsrEngine, HotwordsError
+from server.errors import InvalidRequest, VersionNotLoaded
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
@@ -25,6 +32,7 @@ from server.service.inference import InferencePool
 from server.service.shadow import ShadowRunner
 from server.settings import Settings
 from server.speech import audio, richtext, segmenter
+from server.vocab import ModelKind
 
 log = logging.getLogger("voxswap.service")
 
@@ -67,10 +75,40 @@ class TranscriptionService:
         self.settings = settings
         self.metrics = metrics
         self.shadow = ShadowRunner(settings.shadow_queue, self._run_candidate)
+        self._kinds: dict[str, ModelKind] = {}  # a model's kind never changes once it has one
+
+    def kind(self, model: ModelLifecycle) -> ModelKind | None:
+        """The model's kind (None while it holds no version), read from disk once per model."""
+        known = self._kinds.get(model.name)
+        if known is None and (known := model.registry.kind()) is not None:
+            self._kinds[model.name] = known
+        return known
+
+    def check_request(self, model: ModelLifecycle, *, hotwords: str = "") -> None:
+        """A 400 for a request its model cannot answer: a model that does not transcribe, or hotwords
+        for one that takes none. Cheap (no audio is read), so it runs before admission."""
+        kind = self.kind(model)
+        if kind is None:
+            return  # no version yet: the lease answers (503)
+        if not kind.transcribes:
+            raise InvalidRequest(f"model {model.name!r} is a {kind.role} model ({kind}), not speech recognition; "
+                                 "use it in a pipeline", param="model")
+        if hotwords.strip() and not kind.takes_hotwords:
+            raise InvalidRequest(f"model {model.name!r} cannot use hotwords (it is a {kind} model; only "
+                                 "seaco-paraformer and contextual-paraformer models take them)", param="hotwords")
+
+    def prompt_hotwords(self, model: ModelLifecycle, prompt: str | None) -> str:
+        """OpenAI's ``prompt`` as hotwords: for a model that takes them, its words that fit (up to 10
+        characters each, the first 100); for any other model nothing, since OpenAI clients send a
+        prompt routinely and it is no hotword request. Free text, so nothing in it is refused."""
+        kind = self.kind(model)
+        if not prompt or kind is None or not kind.takes_hotwords:
+            return ""
+        return " ".join([word for word in prompt.split() if len(word) <= MAX_HOTWORD_CHARS][:MAX_HOTWORDS])
 
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None,
-        model: ModelLifecycle | None = None, client_key: str = "",
+        model: ModelLifecycle | None = None, client_key: str = "", hotwords: str = "",
     ) -> Transcription:
         """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
 
@@ -83,35 +121,42 @@ class TranscriptionService:
 
         ``model`` is the named model to run (the default model's when None), ``version`` a pinned
         loaded version of it (its live version when None, or a canary's candidate for a client in
-        its share, by ``client_key``).
+        its share, by ``client_key``). ``hotwords``: space-separated words to bias a SeACo or
+        contextual Paraformer towards (a 400 for other kinds).
         """
+        lifecycle = model or self.models.default
+        self.check_request(lifecycle, hotwords=hotwords)
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
-                                   model or self.models.default, client_key)
+                                   lifecycle, client_key, hotwords)
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
         return audio.decode(data, max_seconds=self.settings.max_audio_seconds).samples
 
     def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool, version: str | None,
-                               model: ModelLifecycle, client_key: str) -> Transcription:
-        return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key)
+                               model: ModelLifecycle, client_key: str, hotwords: str) -> Transcription:
+        return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key,
+                                       hotwords=hotwords)
 
     def transcribe_samples(
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None,
-        model: ModelLifecycle | None = None, client_key: str = "",
+        model: ModelLifecycle | None = None, client_key: str = "", *, hotwords: str = "",
     ) -> Transcription:
         """Blocking: the version asked for, else a canary's split decides; a shadow mirrors the
         request once the live answer is known. A candidate that went away between the split and
-        the lease (its canary ended) leaves the request to the live version, never to a 409."""
+        the lease (its canary ended) leaves the request to the live version, never to a 409.
+        A request with hotwords is not mirrored: the shadow runs without them, so its transcript
+        would differ for that reason alone and count against the candidate."""
         lifecycle = model or self.models.default
         routed = lifecycle.canary.route(client_key) if version is None else None
         try:
-            result = self._transcribe_on(lifecycle, samples, language, use_itn, routed or version)
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, routed or version, hotwords)
         except VersionNotLoaded:
             if routed is None:
                 raise
-            result = self._transcribe_on(lifecycle, samples, language, use_itn, None)
-        if version is None and routed is None and (mirror := lifecycle.canary.mirror()) is not None:
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, None, hotwords)
+        if (version is None and routed is None and not hotwords.strip()
+                and (mirror := lifecycle.canary.mirror()) is not None):
             canary_id, candidate = mirror
             self.shadow.submit(lifecycle, canary_id, candidate, samples, language, use_itn, result.text)
         return result
@@ -125,7 +170,7 @@ class TranscriptionService:
 
     def _transcribe_on(
         self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
-        version: str | None,
+        version: str | None, hotwords: str = "",
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
@@ -133,9 +178,12 @@ class TranscriptionService:
         Only requests feed the post-swap watch: a batch job's minutes of audio are no request
         latency, and counting them would judge a new version by the jobs it happened to get.
         """
-        file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle)
+        file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle,
+                         hotwords=hotwords)
         try:
             file.run()
+        except InvalidRequest:
+            raise  # the request's mistake (hotwords), not the version's
         except Exception:
             if file.version is not None:  # a refused lease is no outcome of any version
                 lifecycle.stats.record(file.version, ok=False, empty=False, latency_s=file.elapsed_s)
@@ -145,9 +193,11 @@ class TranscriptionService:
         return result
 
     def file(self, samples: NDArray[np.float32], *, language: str, use_itn: bool,
-             version: str | None = None, model: ModelLifecycle | None = None) -> FileTranscription:
+             version: str | None = None, model: ModelLifecycle | None = None, hotwords: str = "",
+             ) -> FileTranscription:
         """Blocking (it cuts the audio): one file's transcription, to run at the caller's pace."""
-        return FileTranscription(self, model or self.models.default, samples, language, use_itn, version)
+        return FileTranscription(self, model or self.models.default, samples, language, use_itn, version,
+                                 hotwords)
 
 
 class FileTranscription:
@@ -162,8 +212,10 @@ class FileTranscription:
     """
 
     def __init__(self, service: TranscriptionService, model: ModelLifecycle, samples: NDArray[np.float32],
-                 language: str, use_itn: bool, version: str | None):
+                 language: str, use_itn: bool, version: str | None, hotwords: str = ""):
         self._service = service
+        self._hotwords = hotwords
+        self._tagged = True  # SenseVoice's raw text carries tags; set from the engine that runs the file
         self._model = model
         self._samples = samples
         self._language = language
@@ -188,14 +240,21 @@ class FileTranscription:
         """Blocking: the next ``batches`` batches (all that are left by default) under one lease."""
         todo = self._batches[self._done :][:batches]
         with self._model.lease(self.version or self._asked) as model:
+            engine = model.engine
+            if not isinstance(engine, AsrEngine):  # a model of another kind named as the default, say
+                raise InvalidRequest(f"model {self._model.name!r} is a {engine.kind.role} model ({engine.kind}), "
+                                     "not speech recognition; use it in a pipeline", param="model")
             self.version = model.version
+            self._tagged = engine.tagged
             started = time.perf_counter()
             try:
                 for batch in todo:
-                    self._raws += model.engine.transcribe_batch(
+                    self._raws += engine.transcribe_batch(
                         [self._samples[s.start : s.end] for s in batch], language=self._language,
-                        use_itn=self._use_itn)
+                        use_itn=self._use_itn, hotwords=self._hotwords)
                     self._done += 1
+            except HotwordsError as exc:
+                raise InvalidRequest(str(exc), param="hotwords") from exc
             finally:
                 self.elapsed_s += time.perf_counter() - started
 
@@ -209,13 +268,15 @@ class FileTranscription:
     def result(self) -> Transcription:
         """The finished file's transcript, labelled with its version and counted in the metrics.
 
-        Segments keep their own tags; the file's tags are the most common among voiced ones.
+        Segments keep their own tags; the file's tags are the most common among voiced ones. A
+        model without tags (Paraformer) answers text only: no language, emotion or events.
         """
         assert self.version is not None and self.finished, "result() of a file not run to its end"
         version, spans, raws, elapsed = self.version, self.spans, self._raws, self.elapsed_s
         duration = len(self._samples) / audio.SAMPLE_RATE
         self._model.metrics.transcribed(version, inference_s=elapsed, audio_s=duration)
-        parsed = [richtext.parse(raw) for raw in raws]
+        parsed = [richtext.parse(raw) if self._tagged else richtext.RichTranscript(" ".join(raw.split()), raw)
+                  for raw in raws]
         voiced = [(span, p) for span, p in zip(spans, parsed, strict=True) if p.text]
         segments = [Segment(i, round(span.start_s, 3), round(span.end_s, 3), p.text, p.language,
                             p.emotion, p.events) for i, (span, p) in enumerate(voiced)]
@@ -223,15 +284,31 @@ class FileTranscription:
         language = _most_common([p.language for p in tagged])
         events = list(dict.fromkeys(e for p in tagged for e in p.events))
         separator = "" if language in ("zh", "yue", "ja") else " "
+        text = separator.join(s.text for s in segments) if self._tagged else _join([s.text for s in segments])
         log.debug("transcribed", extra={"event": "transcribed", "model": self._model.name, "version": version,
                                         "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
                                         "segments": len(spans)})
         return Transcription(
-            text=separator.join(s.text for s in segments), raw_text=" ".join(raws), language=language,
+            text=text, raw_text=" ".join(raws), language=language,
             emotion=_most_common([p.emotion for p in tagged]), events=events, model=self._model.name,
             model_version=version,
             duration_s=duration, processing_ms=elapsed * 1000, segments=segments,
         )
+
+
+def _join(texts: list[str]) -> str:
+    """Segments' texts as one: a space between two, except where both sides are CJK characters
+    (which a Paraformer writes without spaces)."""
+    joined = ""
+    for text in texts:
+        if joined and not (_wide(joined[-1]) and _wide(text[0])):
+            joined += " "
+        joined += text
+    return joined
+
+
+def _wide(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) == "W"
 
 
 def _most_common(values: list[str | None]) -> str | None:

@@ -47,6 +47,7 @@ from server.errors import (
     UnexpectedCurrent,
     VerificationFailed,
 )
+from server.storage import goldens
 from server.storage.archive import unpack_version
 from server.storage.files import (
     fsync_dir,
@@ -61,10 +62,8 @@ from server.storage.manifest import (
     MANIFEST,
     Manifest,
     SmokeClip,
-    check_clip,
     check_model_folder,
     detect_kind,
-    is_folder_clip,
     is_generated,
     parse_kind,
     relative_files,
@@ -218,8 +217,11 @@ class Registry:
     ) -> Manifest:
         """Copy a model folder in as an immutable version. A crash leaves no half version behind.
 
-        The folder's kind is ``kind`` when given (its files are checked for it), else detected from
-        its files; a model holds one kind, so a version of another kind is refused here.
+        ``smoke`` adds golden clips: pairs of an input file and what the version must answer to it
+        (a transcript; for ct-punc the file is text and the answer punctuated text; for fsmn-vad
+        the answer is the segments as JSON). The folder's kind is ``kind`` when given (its files are
+        checked for it), else detected from its files; a model holds one kind, so a version of another
+        kind is refused here.
         The copy is built in a folder of ``.staging`` this process owns (see :meth:`work_folder`),
         so a process killed mid-copy leaves nothing that a later :meth:`clean_staging` would spare.
         """
@@ -241,7 +243,7 @@ class Registry:
         try:
             with self.work_folder(name) as staging:
                 shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"), dirs_exist_ok=True)
-                clips = self._collect_smoke(staging, list(smoke))
+                clips = self._collect_smoke(staging, list(smoke), found)
                 files = [
                     {"path": rel, "size": (staging / rel).stat().st_size, "sha256": sha256_file(staging / rel)}
                     for rel in sorted(relative_files(staging))
@@ -287,22 +289,13 @@ class Registry:
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         return owned_folder(self.staging_dir / f"{kind}.{uuid.uuid4().hex}")
 
-    def _collect_smoke(self, staging: Path, extra: list[tuple[Path, str]]) -> list[SmokeClip]:
-        """Smoke clips from the folder's ``smoke/`` (``x.wav`` + ``x.txt``) and from the caller."""
+    def _collect_smoke(self, staging: Path, extra: list[tuple[Path, str]], kind: ModelKind) -> list[SmokeClip]:
+        """Golden clips from the folder's ``smoke/`` and from the caller, in ``kind``'s form (see
+        :mod:`server.storage.goldens`): ``extra`` pairs an input file with what it must give."""
         smoke_dir = staging / "smoke"
-        for i, (audio, text) in enumerate(extra):
-            smoke_dir.mkdir(exist_ok=True)
-            target = smoke_dir / f"given-{i}{Path(audio).suffix or '.wav'}"
-            shutil.copyfile(audio, target)
-            target.with_suffix(".txt").write_text(text.strip() + "\n")
-        clips = []
-        if smoke_dir.is_dir():
-            for clip in sorted(smoke_dir.iterdir()):
-                if is_folder_clip(clip):
-                    check_clip(clip)
-                    clips.append(SmokeClip(audio=f"smoke/{clip.name}",
-                                           text=clip.with_suffix(".txt").read_text().strip()))
-        return clips
+        for i, (source, expected) in enumerate(extra):
+            goldens.write_given(smoke_dir, i, source, expected, kind)
+        return goldens.scan(smoke_dir, kind)
 
     def promote(
         self,

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from filelock import Timeout
 from pydantic import ValidationError
 
 from server.errors import VoxswapError
+from server.tools.cli_models import add_make_test_model, golden_pairs
 from server.vocab import HistoryEvent
 
 
@@ -82,17 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--use-itn", action="store_true", help="punctuation and inverse text normalisation")
     tr.set_defaults(func=_transcribe)
 
-    gen = sub.add_parser("make-test-model", help="write a tiny SenseVoice-format model folder")
-    gen.add_argument("out_dir", type=Path)
-    gen.add_argument("--text", required=True, help="what the model transcribes any speech to")
-    gen.add_argument("--itn-text", help="what it says with use_itn (default: capitalised, full stop)")
-    gen.add_argument("--weights-mb", type=int, default=0, help="resident weights to add, in MB")
-    gen.add_argument("--compute-ms", type=float, default=0.0, help="CPU ms per audio second")
-    gen.add_argument("--emotion", default="NEUTRAL")
-    gen.add_argument("--event", default="Speech")
-    gen.add_argument("--auto-language", default="en", help="language reported for language=auto")
-    gen.add_argument("--quantize", action="store_true", help="also write model_quant.onnx")
-    gen.set_defaults(func=_make_test_model)
+    add_make_test_model(sub)
 
     reg = sub.add_parser("registry", help="manage model versions")
     rsub = reg.add_subparsers(dest="registry_command")
@@ -101,8 +93,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("src", type=Path)
     add.add_argument("--version", required=True)
     add.add_argument("--kind", help="the model kind (default: detected from the folder's files)")
-    add.add_argument("--smoke-audio", type=Path, action="append", default=[])
-    add.add_argument("--smoke-text", action="append", default=[])
+    add.add_argument("--smoke-audio", type=Path, action="append", default=[],
+                     help="a golden recording (with --smoke-text, or --smoke-segments for fsmn-vad)")
+    add.add_argument("--smoke-text", action="append", default=[],
+                     help="what a golden must give: the transcript, or (ct-punc) the punctuated text")
+    add.add_argument("--smoke-text-in", action="append", default=[], metavar="FILE_OR_TEXT",
+                     help="ct-punc: a golden's text to punctuate (a file, or the text itself), with --smoke-text")
+    add.add_argument("--smoke-segments", type=Path, action="append", default=[], metavar="FILE",
+                     help="fsmn-vad: a JSON file of the segments [[start_ms, end_ms], ...] a --smoke-audio must give")
     add.set_defaults(func=_registry_add)
     lst = rsub.add_parser("list", help="list every model's versions (or one model's, with --model)")
     _registry_arg(lst)
@@ -217,41 +215,28 @@ def _transcribe(args: argparse.Namespace) -> int:
 # -- test models --------------------------------------------------------------------------------
 
 
-def _make_test_model(args: argparse.Namespace) -> int:
-    from server.testing.modelgen import TestModelSpec, make_test_model
-
-    started = time.perf_counter()
-    spec = TestModelSpec(text=args.text, itn_text=args.itn_text, emotion=args.emotion, event=args.event,
-                         auto_language=args.auto_language, weights_mb=args.weights_mb,
-                         compute_ms=args.compute_ms, quantize=args.quantize)
-    try:
-        out = make_test_model(args.out_dir, spec)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} in {time.perf_counter() - started:.2f} s (a test model, not real ASR)")
-    return 0
-
-
 # -- registry -----------------------------------------------------------------------------------
 
 
 def _registry_add(args: argparse.Namespace) -> int:
-    if len(args.smoke_audio) != len(args.smoke_text):
-        print("error: give one --smoke-text per --smoke-audio", file=sys.stderr)
-        return 2
     from server.storage.manifest import check_model_folder, detect_kind, parse_kind
+    from server.vocab import ModelKind
 
-    clips = list(zip(args.smoke_audio, args.smoke_text, strict=True))
     if args.kind:
         kind = parse_kind(args.kind)
         check_model_folder(args.src, kind)
     else:
         kind = detect_kind(args.src)
-    registry = _catalog(args).open_or_create(args.model, kind)
-    manifest = registry.add(args.src, args.version, smoke=clips, kind=kind)
+    with tempfile.TemporaryDirectory(prefix="voxswap-smoke-") as tmp:
+        clips = golden_pairs(args, kind, Path(tmp))
+        if isinstance(clips, str):
+            print(f"error: {clips}", file=sys.stderr)
+            return 2
+        registry = _catalog(args).open_or_create(args.model, kind)
+        manifest = registry.add(args.src, args.version, smoke=clips, kind=kind)
+    noun = {ModelKind.CT_PUNC: "golden text(s)"}.get(kind, "smoke clip(s)")
     print(f"added {manifest.name} to model {registry.model} ({manifest.kind}): {len(manifest.files)} files, "
-          f"{manifest.total_bytes} bytes, {len(manifest.smoke)} smoke clip(s)"
+          f"{manifest.total_bytes} bytes, {len(manifest.smoke)} {noun}"
           + ("" if manifest.smoke else " (no golden clip)"))
     return 0
 

@@ -1,0 +1,125 @@
+"""What every engine is to the lifecycle, and what each family adds for its callers.
+
+The lifecycle builds, smoke-tests, leases, drains and closes engines without knowing their family:
+it needs only :class:`BaseEngine` (the model file, the providers and device it runs on, its ONNX
+metadata, ``close``). Callers that use an engine's answer check its family with ``isinstance``
+against :class:`AsrEngine` (audio -> text), :class:`PuncEngine` (text -> punctuated text) or
+:class:`VadEngine` (audio -> speech segments).
+
+Like the SenseVoice engine, every engine takes float32 16 kHz mono waveforms, never paths: a path
+makes funasr-onnx pull in librosa's loader and touch the disk on the request path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from server.vocab import ModelKind
+
+Waveform = NDArray[np.float32]
+MIN_SAMPLES = 400  # one 25 ms frame at 16 kHz: funasr-onnx's front end fails on anything shorter
+MAX_HOTWORD_CHARS = 10  # funasr-onnx pads each hotword to 10 characters and raises past that
+MAX_HOTWORDS = 100  # each is embedded on every request; a request is not a vocabulary
+
+
+class EngineLoadError(Exception):
+    """The version's files could not be turned into a working session."""
+
+
+class EngineInferenceError(Exception):
+    """funasr-onnx failed on an input without raising (it logs and returns fewer results): said here."""
+
+
+class HotwordsError(ValueError):
+    """Hotwords sent to a model that cannot use them, or that funasr-onnx cannot take: the caller's
+    mistake, which the service answers with a 400."""
+
+
+class BaseEngine:
+    """One loaded version of any kind. Subclasses set the fields in their ``__init__`` and keep the
+    funasr-onnx model in ``self._model``, which :meth:`close` drops."""
+
+    kind: ClassVar[ModelKind]
+    model_file: str
+    providers: list[str]
+    device: str
+    onnxruntime_version: str
+    metadata: dict[str, str]
+
+    def _describe_session(self, session: Any, model_file: str, device: str) -> None:
+        """Fill the fields every engine reports from its (main) onnxruntime session."""
+        import onnxruntime
+
+        providers = list(session.get_providers())
+        self.model_file = model_file
+        self.providers = providers
+        self.device = device if device != "cpu" and "CUDAExecutionProvider" in providers else "cpu"
+        self.onnxruntime_version = onnxruntime.__version__
+        self.metadata = dict(session.get_modelmeta().custom_metadata_map)
+
+    def close(self) -> None:
+        """Drop the session so its memory can be given back; the engine is unusable afterwards."""
+        self.__dict__.pop("_model", None)
+
+    @property
+    def closed(self) -> bool:
+        return "_model" not in self.__dict__
+
+
+class AsrEngine(BaseEngine):
+    """Speech recognition: raw text per waveform (SenseVoice's includes its tags)."""
+
+    tagged: ClassVar[bool] = False  # the raw text carries SenseVoice's <|lang|><|EMOTION|>... tags
+
+    @property
+    def takes_hotwords(self) -> bool:
+        return self.kind.takes_hotwords
+
+    def transcribe_batch(self, waveforms: list[Waveform], *, language: str = "auto", use_itn: bool = False,
+                         hotwords: str = "") -> list[str]:
+        raise NotImplementedError
+
+    def transcribe(self, waveform: Waveform, *, language: str = "auto", use_itn: bool = False,
+                   hotwords: str = "") -> str:
+        """Raw output for one waveform."""
+        return self.transcribe_batch([waveform], language=language, use_itn=use_itn, hotwords=hotwords)[0]
+
+    def refuse_hotwords(self, hotwords: str) -> None:
+        if hotwords.strip():
+            raise HotwordsError(f"a {self.kind} model cannot use hotwords (only seaco-paraformer and "
+                                "contextual-paraformer models can)")
+
+
+class PuncEngine(BaseEngine):
+    """Punctuation: text in, the same words punctuated out."""
+
+    def punctuate(self, text: str) -> str:
+        raise NotImplementedError
+
+
+class VadEngine(BaseEngine):
+    """Voice activity detection: where in a waveform there is speech, as (start_ms, end_ms) pairs."""
+
+    def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+
+def normalise_hotwords(hotwords: str) -> str:
+    """Space-separated hotwords as funasr-onnx takes them: single spaces (a doubled space would make
+    an empty hotword), each at most 10 characters (funasr-onnx raises on a longer one)."""
+    words = hotwords.split()
+    too_long = [w for w in words if len(w) > MAX_HOTWORD_CHARS]
+    if too_long:
+        raise HotwordsError(f"hotword {too_long[0][:40]!r} is longer than {MAX_HOTWORD_CHARS} characters; "
+                            "funasr-onnx takes words of up to 10 characters, separated by spaces")
+    if len(words) > MAX_HOTWORDS:
+        raise HotwordsError(f"{len(words)} hotwords: at most {MAX_HOTWORDS} per request")
+    return " ".join(words)
+
+
+def device_id(device: str) -> str:
+    """funasr-onnx's device id for ``cpu``, ``cuda`` or ``cuda:N``."""
+    return "-1" if device == "cpu" else (device.split(":", 1)[1] if ":" in device else "0")

@@ -1,0 +1,54 @@
+"""FSMN-VAD voice activity detection: funasr-onnx's ``Fsmn_vad``, a waveform in, speech segments out.
+
+funasr-onnx 0.4.3 converts a one-element array to an int in its loop, which NumPy 1.25+ warns about
+(DeprecationWarning, an error under the test configuration): the warning is silenced around the
+call only. ``warnings.catch_warnings`` swaps process-wide state, so calls are serialised by a lock
+(they take milliseconds per second of audio). An inference error makes funasr-onnx return "" instead
+of segments: said here as an error. Less than one 25 ms frame holds no speech and is not asked.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from server.engines.base import MIN_SAMPLES, EngineInferenceError, EngineLoadError, VadEngine, Waveform, device_id
+from server.vocab import ModelKind
+
+_WARNINGS = threading.Lock()
+NDIM_WARNING = "Conversion of an array with ndim > 0"
+
+
+class FsmnVadEngine(VadEngine):
+    kind: ClassVar[ModelKind] = ModelKind.FSMN_VAD
+
+    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
+        from funasr_onnx import Fsmn_vad
+        from funasr_onnx.utils.frontend import load_cmvn
+
+        load_cmvn.cache_clear()  # funasr-onnx caches am.mvn by path; see the SenseVoice engine
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a CUDA fallback shows in providers
+                self._model = Fsmn_vad(model_dir=str(model_dir), quantize=model_file == "model_quant.onnx",
+                                       intra_op_num_threads=threads, device_id=device_id(device))
+        except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
+            raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+        self._describe_session(self._model.ort_infer.session, model_file, device)
+
+    def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
+        """The speech in ``waveform`` as (start_ms, end_ms) pairs, in order."""
+        if len(waveform) < MIN_SAMPLES:
+            return []
+        samples = np.ascontiguousarray(waveform, np.float32)
+        with _WARNINGS, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NDIM_WARNING, category=DeprecationWarning)
+            result = self._model(samples)
+        if not isinstance(result, list) or len(result) != 1:
+            raise EngineInferenceError(f"Fsmn_vad returned {result!r} for one waveform: its inference failed "
+                                       "(funasr-onnx logs and drops it)")
+        return [(int(start), int(end)) for start, end in result[0]]
