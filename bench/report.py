@@ -19,7 +19,7 @@ import psutil
 
 from bench.common import Section, Table
 
-ORDER = ("overhead", "throughput", "swaps", "memory", "startup")
+ORDER = ("overhead", "throughput", "swaps", "memory", "startup", "shadow")
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("onnxruntime", "funasr-onnx", "numpy", "fastapi", "uvicorn", "gunicorn", "httpx")
 
@@ -171,6 +171,21 @@ def findings(sections: dict[str, Section]) -> list[str]:
                  for k, v in rows.items()]
         out.append("**Start-up.** " + "; ".join(parts) + ". The rest is the interpreter and imports (about "
                    f"{next(iter(rows.values()))['imports_s']:.1f} s), hashing the files and the smoke test.")
+    if "shadow" in sections:
+        d = sections["shadow"].data
+        levels = d["levels"]
+        parts = [f"{name}: p99 {cell['p99_ratio']:.2f}x, p50 {cell['p50_ratio']:.2f}x and throughput "
+                 f"{cell['rps_ratio']:.2f}x without it ({cell['mirrored']:.0f} mirrored, {cell['dropped']:.0f} "
+                 "dropped)" for name, cell in levels.items()]
+        text = (f"**Shadow traffic.** With a {d['percent']:g}% shadow running, live requests saw "
+                + "; ".join(parts) + ".")
+        slow = max((cell["mirror_p95"] for cell in levels.values() if cell["mirror_p95"] == cell["mirror_p95"]),
+                   default=float("nan"))
+        if slow == slow and slow > 3 * d["service_s"]:
+            text += (f" Mirrors took up to {slow * 1000:.0f} ms at p95 against {d['service_s'] * 1000:.0f} ms for a "
+                     "lone live request: only the mirror's own thread runs at low priority, not the candidate "
+                     "session's onnxruntime worker threads, which spin at normal priority while it waits.")
+        out.append(text)
     return out
 
 

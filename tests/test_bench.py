@@ -17,7 +17,7 @@ from bench import run
 
 pytestmark = pytest.mark.e2e  # the throughput part runs voxswap under gunicorn with 2 workers
 
-SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup")
+SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_the_report_has_every_section_a_goal_table_and_the_run_context(
 ) -> None:
     _, text, raw = quick_report
     for title in ("## Summary", "## Machine and software", "## Commands", "## 1. Overhead", "## 2. Throughput",
-                  "## 3. Swap under load", "## 4. Memory", "## 5. Start-up"):
+                  "## 3. Swap under load", "## 4. Memory", "## 5. Start-up", "## 6. Shadow traffic"):
         assert title in text
     assert "| benchmark" in text and "met?" in text
     assert "stand-in" in text and "--model-dir" in text and "Quick run" in text
@@ -95,3 +95,11 @@ def test_the_plots_are_png_files_linked_from_the_report(quick_report: tuple[Path
         assert f"]({name})" in text
         data = (out.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_the_shadow_numbers_are_sane(quick_report: tuple[Path, str, dict[str, Any]]) -> None:
+    data = quick_report[2]["sections"]["shadow"]["data"]
+    assert data["failed"] == 0  # a shadow never fails a live request
+    levels = data["levels"]
+    assert levels and all(row["n_off"] > 0 and row["n_on"] > 0 for row in levels.values())
+    assert all(_positive(row["p99_ratio"]) and _positive(row["rps_ratio"]) for row in levels.values())

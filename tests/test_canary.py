@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import Settings
 from server.storage.registry import Registry
-from server.testing import synth
 from testkit.harness import serve_in_thread, wait_until
 from tests.conftest import AUTH, TEXT_A, TEXT_B
 
@@ -145,7 +144,7 @@ def test_shadow_never_changes_an_answer_and_compares_the_transcripts(
         speech_wav: bytes) -> None:
     registry.add(model_dir(TEXT_A if same else "a different sentence entirely"), "c")
     with TestClient(create_app(make_settings())) as c:
-        r = _canary(c, version="c", mode="shadow", percent=100, duration_s=3, on_pass="hold", criteria=FAST)
+        r = _canary(c, version="c", mode="shadow", percent=100, duration_s=3, on_pass="promote", criteria=FAST)
         assert r.status_code == 200, r.text
         answers = _drive(c, speech_wav, lambda: _state(c)["state"] != "running")
         assert Counter((a.status_code, a.json()["text"], a.headers["x-model-version"]) for a in answers).keys() == \
@@ -153,11 +152,13 @@ def test_shadow_never_changes_an_answer_and_compares_the_transcripts(
         final = _state(c)
         shadow = final["comparison"]["shadow"]
         assert shadow["compared"] >= 5
-        if same:
-            assert (final["state"], shadow["cer_mean"]) == ("passed", 0.0), (final["reason"], final["comparison"])
+        current = c.get("/admin/model/versions", headers=AUTH).json()["current"]
+        if same:  # promoted by a fresh update: the shadow's lean candidate never serves
+            assert (final["state"], shadow["cer_mean"], current) == ("promoted", 0.0, "c"), final["reason"]
+            assert {_post(c, speech_wav, f"k{i}").headers["x-model-version"] for i in range(5)} == {"c"}
         else:
             assert final["state"] == "failed" and shadow["cer_mean"] > 0.5 and "CER" in final["reason"], final
-        assert c.get("/admin/model/versions", headers=AUTH).json()["current"] == "a"  # held or failed: never moved
+            assert current == "a"  # the live version never left
 
 
 def test_a_slow_shadow_drops_mirrors_instead_of_delaying_live_answers(

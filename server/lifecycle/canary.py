@@ -67,6 +67,8 @@ class CanaryHost(Protocol):
 
     def promote_staged(self, coordination: Coordination, candidate: LoadedModel, report: SwapReport) -> None: ...
 
+    def swap_to(self, version: str, *, expected_current: str | None, event: str, actor: str) -> SwapReport: ...
+
 
 class CanaryControl:
     """This process's part in its model's canaries: coordinating one, routing by the one running."""
@@ -106,9 +108,10 @@ class CanaryControl:
         return self._read()
 
     def refuse_swaps(self) -> None:
-        """409 naming the canary: while one runs, the model changes only through its verdict."""
+        """409 naming the canary: while one runs, the model changes only through its verdict (which
+        its own thread carries out)."""
         state = self.active()
-        if state is not None:
+        if state is not None and threading.current_thread() is not self._thread:  # its own promotion passes
             raise SwapInProgress(
                 f"a {state.mode} of version {state.version!r} is running on model {self.host.name!r}; it ends with "
                 f"its verdict, or DELETE /admin/models/{self.host.name}/canary stops it", retry_after=5)
@@ -176,31 +179,11 @@ class CanaryControl:
 
     def _run(self, state: CanaryState, rules: Criteria, started: threading.Event,
              failure: list[VoxswapError]) -> None:
-        host = self.host
-        report = SwapReport(version=state.version, from_version=state.live_version, event="canary", model=host.name)
         try:
-            with host.swap_lock.hold("another swap is running; start the canary when it has finished"), \
-                    host.rollouts.coordinate(report, hold_s=state.duration_s + GRACE_S) as coordination:
-                self._write(state)
-                candidate = host.builder.build(state.version, report)
-                coordination.stage(candidate)
-                coordination.await_peers_staged()
-                state.rollout_id, state.state = coordination.rollout.id, "running"
-                state.started_at = time.time()
-                state.until = state.started_at + state.duration_s
-                self._clear_tallies()
-                self._write(state)
-                host.registry.record(HistoryEvent.CANARY_START, version=state.version, live_version=state.live_version,
-                                     mode=state.mode, percent=state.percent, duration_s=state.duration_s,
-                                     canary=state.id, actor="admin", timings=report.to_json()["timings"])
-                started.set()
-                outcome, reason = self._observe(state, rules)
-                if outcome == "passed" and state.on_pass == "promote":
-                    host.promote_staged(coordination, candidate, report)
-                    outcome = "promoted"
-                else:
-                    coordination.abort(reason or f"the {state.mode} ended: {outcome}")
-                self._finish(state, outcome, reason)
+            outcome, reason, afresh = self._trial(state, rules, started)
+            if afresh:
+                outcome, reason = self._promote_afresh(state)
+            self._finish(state, outcome, reason)
         except VoxswapError as exc:
             if not started.is_set():
                 failure.append(exc)
@@ -212,6 +195,54 @@ class CanaryControl:
             raise
         finally:
             started.set()
+
+    def _trial(self, state: CanaryState, rules: Criteria, started: threading.Event) -> tuple[str, str, bool]:
+        """Stage everywhere, observe, judge; a canary's promotion is committed here. Returns the
+        outcome, its reason, and whether a passed shadow is to be promoted by a fresh update."""
+        host = self.host
+        report = SwapReport(version=state.version, from_version=state.live_version, event="canary", model=host.name)
+        with host.swap_lock.hold("another swap is running; start the canary when it has finished"):
+            self._write(state)  # before the rollout: a follower staging it must know it shadows (lean build)
+            with host.rollouts.coordinate(report, hold_s=state.duration_s + GRACE_S) as coordination:
+                candidate = host.builder.build(state.version, report)
+                coordination.stage(candidate)
+                coordination.await_peers_staged()
+                self._begin(state, coordination.rollout.id, report)
+                started.set()
+                outcome, reason = self._observe(state, rules)
+                if outcome != "passed" or state.on_pass != "promote":
+                    coordination.abort(reason or f"the {state.mode} ended: {outcome}")
+                    return outcome, reason, False
+                if state.mode == "shadow":
+                    coordination.abort("the shadow passed; its lean candidate gives way to a fresh build")
+                    return outcome, reason, True
+                host.promote_staged(coordination, candidate, report)
+                return "promoted", "", False
+
+    def _begin(self, state: CanaryState, rollout_id: str, report: SwapReport) -> None:
+        """Every worker holds the candidate: from now on it takes its share."""
+        state.rollout_id, state.state = rollout_id, "running"
+        state.started_at = time.time()
+        state.until = state.started_at + state.duration_s
+        self._clear_tallies()
+        self._write(state)
+        self.host.registry.record(HistoryEvent.CANARY_START, version=state.version, live_version=state.live_version,
+                                  mode=state.mode, percent=state.percent, duration_s=state.duration_s,
+                                  canary=state.id, actor="admin", timings=report.to_json()["timings"])
+
+    def shadows(self, version: str) -> bool:
+        """Whether ``version`` is being built to shadow: then with one intra-op thread, so that the
+        mirrors' low priority holds for all their compute (onnxruntime's pool threads would run at
+        normal priority, spinning for cores the live requests need)."""
+        state = self.active()
+        return state is not None and state.mode == "shadow" and state.version == version
+
+    def _promote_afresh(self, state: CanaryState) -> tuple[str, str]:
+        try:
+            self.host.swap_to(state.version, expected_current=state.live_version, event="promote", actor="canary")
+        except VoxswapError as exc:
+            return "failed", f"it passed, but the promotion failed: {exc.message}"
+        return "promoted", ""
 
     def _observe(self, state: CanaryState, rules: Criteria) -> tuple[str, str]:
         """Judge every tick until the window ends, the candidate proves worse, or the canary is stopped."""

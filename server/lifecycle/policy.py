@@ -73,6 +73,7 @@ class ModelLifecycle:
         self.stats = VersionStats()
         self.watch = PostSwapWatch(self, registry, settings)
         self.canary = CanaryControl(self)
+        self.builder.lean = self.canary.shadows
         self.after_swap: Callable[[SwapReport], None] = lambda report: None
         self.held_by_operator = False  # unloaded on purpose: do not follow the registry back in
         self.last_error: str | None = None

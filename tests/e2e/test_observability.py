@@ -84,6 +84,7 @@ PER_MODEL_LABELS: dict[str, set[str]] = {
     "voxswap_model_memory_bytes": {"model"},
     "voxswap_swap_freed_memory_bytes": {"model"},
     "voxswap_registry_generation": {"model"},
+    "voxswap_shadow_requests_total": {"model", "outcome"},
 }
 # a per-model family named in PromQL, a histogram by any of its series
 PER_MODEL_METRIC = re.compile(
