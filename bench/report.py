@@ -183,8 +183,8 @@ def findings(sections: dict[str, Section]) -> list[str]:
                    default=float("nan"))
         if slow == slow and slow > 3 * d["service_s"]:
             text += (f" Mirrors took up to {slow * 1000:.0f} ms at p95 against {d['service_s'] * 1000:.0f} ms for a "
-                     "lone live request: only the mirror's own thread runs at low priority, not the candidate "
-                     "session's onnxruntime worker threads, which spin at normal priority while it waits.")
+                     "lone live request: the shadow's candidate runs on one low-priority thread and waits for "
+                     "the cores live requests leave idle, which is what keeps the live figures unchanged.")
         out.append(text)
     return out
 
