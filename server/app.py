@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from server.errors import VoxswapError
-from server.http import admin, jobs, page, transcribe, ui
+from server.http import admin, jobs, page, pipelines, transcribe, ui
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
 from server.lifecycle.models import ModelSet
@@ -29,6 +29,7 @@ from server.settings import Settings
 from server.storage import seed
 from server.storage.catalog import ModelCatalog
 from server.storage.jobs_url import open_job_store
+from server.storage.pipelines import PipelineStore
 
 log = logging.getLogger("voxswap.app")
 
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          timeout_s=settings.inference_timeout_s, metrics=metrics)
     service = TranscriptionService(models, pool, settings, metrics)
     ctx = AppContext(settings, catalog, metrics, models, pool, service)
+    ctx.pipelines = PipelineStore(catalog)
     jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
     ctx.jobs = JobRunner(store, service, pool, models.default, settings)
@@ -56,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (transcribe.router, jobs.router, admin.router, ui.router, page.router):
+    for router in (transcribe.router, jobs.router, admin.router, pipelines.router, ui.router, page.router):
         app.include_router(router)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
     return app

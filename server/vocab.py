@@ -130,6 +130,8 @@ class HistoryEvent(StrEnum):
     CANARY_INCONCLUSIVE = "canary_inconclusive"
     CANARY_STOPPED = "canary_stopped"
     CANARY_INTERRUPTED = "canary_interrupted"  # its coordinating worker died; the candidate was dropped
+    PIPELINE_SET = "pipeline_set"
+    PIPELINE_REMOVE = "pipeline_remove"
 
 
 # The operator page's words for each value (the page has none of its own).
@@ -160,6 +162,8 @@ HISTORY_LABELS: dict[HistoryEvent, str] = {
     HistoryEvent.CANARY_INCONCLUSIVE: "canary inconclusive",
     HistoryEvent.CANARY_STOPPED: "canary stopped",
     HistoryEvent.CANARY_INTERRUPTED: "canary interrupted",
+    HistoryEvent.PIPELINE_SET: "pipeline set",
+    HistoryEvent.PIPELINE_REMOVE: "pipeline removed",
 }
 JOB_STATUS_LABELS: dict[JobStatus, str] = {
     JobStatus.PENDING: "pending",

@@ -214,6 +214,20 @@ def test_every_json_route_answers_what_openapi_declares(contract: Contract, regi
            files=upload, headers=AUTH)
     c.call("DELETE", f"{m}/versions/{{name}}", 200, path="/admin/models/meeting/versions/m3", headers=AUTH)
 
+    # pipelines: a one-stage pipeline over the meeting model, answered through it
+    p = "/admin/pipelines/{name}"
+    c.call("PUT", p, 200, path="/admin/pipelines/talks", json={"asr": "meeting"}, headers=AUTH)
+    c.call("PUT", p, 404, path="/admin/pipelines/talks", json={"asr": "nope"}, headers=AUTH)
+    c.call("PUT", p, 409, path="/admin/pipelines/meeting", json={"asr": "meeting"}, headers=AUTH)
+    c.call("PUT", p, 400, path="/admin/pipelines/talks", json={"asr": "meeting", "vad": "meeting"}, headers=AUTH)
+    c.call("GET", "/admin/pipelines", 200, headers=AUTH)
+    c.call("GET", "/admin/pipelines", 401)
+    c.call("GET", p, 200, path="/admin/pipelines/talks", headers=AUTH)
+    c.call("GET", p, 404, path="/admin/pipelines/nope", headers=AUTH)
+    c.call("POST", "/api/transcribe", 200, files=audio, data={"model": "talks"})
+    c.call("DELETE", p, 200, path="/admin/pipelines/talks", headers=AUTH)
+    c.call("DELETE", p, 404, path="/admin/pipelines/talks", headers=AUTH)
+
     # canaries: start, follow, stop, on the default model and a named one
     c.call("GET", "/admin/model/canary", 404, headers=AUTH)
     c.call("POST", "/admin/model/canary", 404, json={"version": "nope"}, headers=AUTH)

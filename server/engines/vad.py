@@ -1,15 +1,15 @@
 """FSMN-VAD voice activity detection: funasr-onnx's ``Fsmn_vad``, a waveform in, speech segments out.
 
 funasr-onnx 0.4.3 converts a one-element array to an int in its loop, which NumPy 1.25+ warns about
-(DeprecationWarning, an error under the test configuration): the warning is silenced around the
-call only. ``warnings.catch_warnings`` swaps process-wide state, so calls are serialised by a lock
-(they take milliseconds per second of audio). An inference error makes funasr-onnx return "" instead
-of segments: said here as an error. Less than one 25 ms frame holds no speech and is not asked.
+with a DeprecationWarning. Python ignores it outside ``__main__`` by default; the test configuration
+ignores it by name (pyproject.toml). It is not silenced around the call: ``warnings.catch_warnings``
+swaps process-wide state, and a model loading in another thread meanwhile would restore the filters
+under the call. An inference error makes funasr-onnx return "" instead of segments: said here as an
+error. Less than one 25 ms frame holds no speech and is not asked.
 """
 
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -18,9 +18,6 @@ import numpy as np
 
 from server.engines.base import MIN_SAMPLES, EngineInferenceError, EngineLoadError, VadEngine, Waveform, device_id
 from server.vocab import ModelKind
-
-_WARNINGS = threading.Lock()
-NDIM_WARNING = "Conversion of an array with ndim > 0"
 
 
 class FsmnVadEngine(VadEngine):
@@ -45,9 +42,7 @@ class FsmnVadEngine(VadEngine):
         if len(waveform) < MIN_SAMPLES:
             return []
         samples = np.ascontiguousarray(waveform, np.float32)
-        with _WARNINGS, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=NDIM_WARNING, category=DeprecationWarning)
-            result = self._model(samples)
+        result = self._model(samples)
         if not isinstance(result, list) or len(result) != 1:
             raise EngineInferenceError(f"Fsmn_vad returned {result!r} for one waveform: its inference failed "
                                        "(funasr-onnx logs and drops it)")

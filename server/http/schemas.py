@@ -92,6 +92,10 @@ class Transcription(Closed):
     duration_s: float
     processing_ms: float
     segments: list[Segment]
+    pipeline: str | None = Field(None, description="The pipeline that ran, when one was named (then `model` is "
+                                                   "its speech recognition stage)")
+    model_versions: dict[str, str] | None = Field(None, description="A pipeline's stages: vad, asr, punc -> "
+                                                                    "NAME@VERSION")
 
 
 class OpenAITranscription(Closed):
@@ -112,6 +116,8 @@ class OpenAIVerboseTranscription(Closed):
     events: list[str]
     model: str
     model_version: str
+    pipeline: str | None = None
+    model_versions: dict[str, str] | None = None
 
 
 class ModelCard(Closed):

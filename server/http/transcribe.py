@@ -47,10 +47,10 @@ async def transcribe(
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Speech recognition models only: a punctuation or voice activity model is a 400."""
-    target = routing.resolve(ctx.models, model, x_model_version)
+    target = routing.resolve(ctx.models, model, x_model_version, ctx.pipelines)
     result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
                                           model=target.model, version=target.version,
-                                          client_key=canary_key(request), hotwords=hotwords)
+                                          client_key=canary_key(request), hotwords=hotwords, stages=target.stages)
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
@@ -77,11 +77,11 @@ async def openai_transcriptions(
     lang = (language or "auto").lower()
     if lang not in LANGUAGES:
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
-    target = routing.resolve(ctx.models, model, x_model_version)
+    target = routing.resolve(ctx.models, model, x_model_version, ctx.pipelines)
     hotwords = ctx.service.prompt_hotwords(target.model, prompt)
     result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
                                           version=target.version, client_key=canary_key(request),
-                                          hotwords=hotwords)
+                                          hotwords=hotwords, stages=target.stages)
     headers = _headers(result)
     if response_format == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)
@@ -102,6 +102,7 @@ async def openai_transcriptions(
             "events": result.events,
             "model": result.model,
             "model_version": result.model_version,
+            **({"pipeline": result.pipeline, "model_versions": result.model_versions} if result.pipeline else {}),
         }, headers=headers)
     return JSONResponse({"text": result.text}, headers=headers)
 

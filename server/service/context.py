@@ -19,6 +19,7 @@ from server.service.jobs import JobRunner
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage.catalog import ModelCatalog
+from server.storage.pipelines import PipelineStore
 from server.storage.registry import Registry
 
 
@@ -39,6 +40,7 @@ class AppContext:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _recycle_lock: IO[str] | None = None
     jobs: JobRunner | None = None  # batch jobs (server/jobs.py)
+    pipelines: PipelineStore | None = None  # named pipelines of the registry folder
 
     @property
     def lifecycle(self) -> ModelLifecycle:

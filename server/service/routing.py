@@ -1,6 +1,6 @@
 """Which model, and which version of it, a request asks for.
 
-One namespace: model names, the aliases of the default model (``default``, ``whisper-1``,
+One namespace: model names, pipeline names, the aliases of the default model (``default``, ``whisper-1``,
 ``voxswap``, or nothing) and, for clients of earlier releases, a bare version name of the default
 model. ``NAME@VERSION`` is the only spelling of a pinned version of a named model; a version pin
 in ``X-Model-Version`` applies to the model the request names. A name that is none of these is a
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from server.errors import NotFound, RegistryError
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
+from server.service.pipeline import Stages
+from server.storage.pipelines import PipelineStore
 from server.vocab import MODEL_ALIASES, PIN_SEPARATOR
 
 
@@ -22,12 +24,20 @@ from server.vocab import MODEL_ALIASES, PIN_SEPARATOR
 class Target:
     model: ModelLifecycle
     version: str | None  # a pinned version; None: the model's live version
+    stages: Stages | None = None  # a pipeline's; then ``model`` is its speech recognition stage
 
 
-def resolve(models: ModelSet, requested: str | None, pin: str | None = None) -> Target:
-    """The model and version for a request's ``model`` field and its ``X-Model-Version`` header."""
+def resolve(models: ModelSet, requested: str | None, pin: str | None = None,
+            pipelines: PipelineStore | None = None) -> Target:
+    """The model and version for a request's ``model`` field and its ``X-Model-Version`` header. A
+    pipeline's name runs its stages (``X-Model-Version`` then pins its speech recognition stage)."""
     name = (requested or "").strip()
     version: str | None = None
+    if pipelines is not None and PIN_SEPARATOR not in name and (found := pipelines.all().get(name)) is not None:
+        stages = Stages(found.name, models.get(found.asr), models.get(found.vad) if found.vad else None,
+                        models.get(found.punc) if found.punc else None)
+        target = resolve(models, found.asr, pin)
+        return Target(target.model, target.version, stages)
     if PIN_SEPARATOR in name:
         name, version = name.split(PIN_SEPARATOR, 1)
         if not version:

@@ -17,6 +17,7 @@ import logging
 import time
 import unicodedata
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,11 +29,13 @@ from server.errors import InvalidRequest, VersionNotLoaded
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
+from server.service import pipeline
 from server.service.inference import InferencePool
+from server.service.pipeline import Stages
 from server.service.shadow import ShadowRunner
 from server.settings import Settings
 from server.speech import audio, richtext, segmenter
-from server.vocab import ModelKind
+from server.vocab import ModelKind, pinned_name
 
 log = logging.getLogger("voxswap.service")
 
@@ -60,9 +63,13 @@ class Transcription:
     duration_s: float
     processing_ms: float
     segments: list[Segment] = field(default_factory=list)
+    pipeline: str | None = None  # the pipeline that ran it; then ``model`` is its speech recognition stage
+    model_versions: dict[str, str] = field(default_factory=dict)  # a pipeline's stages: role -> NAME@VERSION
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.pipeline is None:
+            del data["pipeline"], data["model_versions"]
         data["processing_ms"] = round(self.processing_ms, 2)
         data["duration_s"] = round(self.duration_s, 3)
         return data
@@ -108,7 +115,7 @@ class TranscriptionService:
 
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None,
-        model: ModelLifecycle | None = None, client_key: str = "", hotwords: str = "",
+        model: ModelLifecycle | None = None, client_key: str = "", hotwords: str = "", stages: Stages | None = None,
     ) -> Transcription:
         """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
 
@@ -124,17 +131,20 @@ class TranscriptionService:
         its share, by ``client_key``). ``hotwords``: space-separated words to bias a SeACo or
         contextual Paraformer towards (a 400 for other kinds).
         """
-        lifecycle = model or self.models.default
+        lifecycle = stages.asr if stages is not None else model or self.models.default
         self.check_request(lifecycle, hotwords=hotwords)
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
-                                   lifecycle, client_key, hotwords)
+                                   lifecycle, client_key, hotwords, stages)
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
         return audio.decode(data, max_seconds=self.settings.max_audio_seconds).samples
 
     def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool, version: str | None,
-                               model: ModelLifecycle, client_key: str, hotwords: str) -> Transcription:
+                               model: ModelLifecycle, client_key: str, hotwords: str,
+                               stages: Stages | None = None) -> Transcription:
+        if stages is not None:  # a pipeline: every stage leased once; no canary split for its stages yet
+            return self._run_pipeline(stages, self.decode(data), language, use_itn, version, hotwords)
         return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key,
                                        hotwords=hotwords)
 
@@ -170,7 +180,7 @@ class TranscriptionService:
 
     def _transcribe_on(
         self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
-        version: str | None, hotwords: str = "",
+        version: str | None, hotwords: str = "", *, spans: list[segmenter.Span] | None = None,
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
@@ -179,7 +189,7 @@ class TranscriptionService:
         latency, and counting them would judge a new version by the jobs it happened to get.
         """
         file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle,
-                         hotwords=hotwords)
+                         hotwords=hotwords, spans=spans)
         try:
             file.run()
         except InvalidRequest:
@@ -192,12 +202,37 @@ class TranscriptionService:
         lifecycle.stats.record(result.model_version, ok=True, empty=not result.text, latency_s=file.elapsed_s)
         return result
 
+    def _run_pipeline(self, stages: Stages, samples: NDArray[np.float32], language: str, use_itn: bool,
+                      version: str | None, hotwords: str) -> Transcription:
+        """Blocking: voice activity, speech recognition, punctuation, each stage leased once and held
+        until the answer is assembled, so a stage swapped meanwhile never mixes two of its versions
+        into one answer; the answer names each stage's version."""
+        versions: dict[str, str] = {}
+        with ExitStack() as leases:
+            vad = leases.enter_context(stages.vad.lease()) if stages.vad is not None else None
+            punc = leases.enter_context(stages.punc.lease()) if stages.punc is not None else None
+            spans = None
+            if stages.vad is not None and vad is not None:
+                spans = pipeline.vad_spans(stages.vad, vad, samples, window_s=self.settings.segment_window_s)
+                versions["vad"] = pinned_name(stages.vad.name, vad.version)
+            result = self._transcribe_on(stages.asr, samples, language, use_itn, version, hotwords, spans=spans)
+            versions["asr"] = pinned_name(stages.asr.name, result.model_version)
+            if stages.punc is not None and punc is not None:
+                texts = pipeline.punctuate(stages.punc, punc, [s.text for s in result.segments])
+                for segment, text in zip(result.segments, texts, strict=True):
+                    segment.text = text
+                result.text = join_texts(texts)
+                versions["punc"] = pinned_name(stages.punc.name, punc.version)
+        result.pipeline, result.model_versions = stages.pipeline, versions
+        return result
+
     def file(self, samples: NDArray[np.float32], *, language: str, use_itn: bool,
              version: str | None = None, model: ModelLifecycle | None = None, hotwords: str = "",
-             ) -> FileTranscription:
-        """Blocking (it cuts the audio): one file's transcription, to run at the caller's pace."""
+             spans: list[segmenter.Span] | None = None) -> FileTranscription:
+        """Blocking (it cuts the audio unless ``spans`` are given): one file's transcription, to run at
+        the caller's pace."""
         return FileTranscription(self, model or self.models.default, samples, language, use_itn, version,
-                                 hotwords)
+                                 hotwords, spans)
 
 
 class FileTranscription:
@@ -212,7 +247,8 @@ class FileTranscription:
     """
 
     def __init__(self, service: TranscriptionService, model: ModelLifecycle, samples: NDArray[np.float32],
-                 language: str, use_itn: bool, version: str | None, hotwords: str = ""):
+                 language: str, use_itn: bool, version: str | None, hotwords: str = "",
+                 spans: list[segmenter.Span] | None = None):
         self._service = service
         self._hotwords = hotwords
         self._tagged = True  # SenseVoice's raw text carries tags; set from the engine that runs the file
@@ -221,7 +257,9 @@ class FileTranscription:
         self._language = language
         self._use_itn = use_itn
         self._asked = version
-        self.spans = segmenter.split(samples, window_s=service.settings.segment_window_s)
+        # a pipeline's voice activity detector cuts the audio; without one, the energy splitter
+        self.spans = spans if spans is not None else segmenter.split(samples,
+                                                                     window_s=service.settings.segment_window_s)
         self._batches = segmenter.batches(self.spans, service.settings.segment_batch_size)
         self.version: str | None = None  # the version running this file, once a lease got one
         self.elapsed_s = 0.0  # inference time so far, leases and queueing excluded
@@ -234,7 +272,7 @@ class FileTranscription:
 
     @property
     def progress(self) -> float:
-        return self._done / len(self._batches)
+        return self._done / len(self._batches) if self._batches else 1.0
 
     def run(self, batches: int | None = None) -> None:
         """Blocking: the next ``batches`` batches (all that are left by default) under one lease."""
@@ -284,7 +322,7 @@ class FileTranscription:
         language = _most_common([p.language for p in tagged])
         events = list(dict.fromkeys(e for p in tagged for e in p.events))
         separator = "" if language in ("zh", "yue", "ja") else " "
-        text = separator.join(s.text for s in segments) if self._tagged else _join([s.text for s in segments])
+        text = separator.join(s.text for s in segments) if self._tagged else join_texts([s.text for s in segments])
         log.debug("transcribed", extra={"event": "transcribed", "model": self._model.name, "version": version,
                                         "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
                                         "segments": len(spans)})
@@ -296,7 +334,7 @@ class FileTranscription:
         )
 
 
-def _join(texts: list[str]) -> str:
+def join_texts(texts: list[str]) -> str:
     """Segments' texts as one: a space between two, except where both sides are CJK characters
     (which a Paraformer writes without spaces)."""
     joined = ""

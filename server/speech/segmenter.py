@@ -120,6 +120,28 @@ def _trim(span: Span, quiet: NDArray[np.bool_], frame: int) -> Span:
     return Span(start, end)
 
 
+def from_segments(segments_ms: list[tuple[int, int]], samples: NDArray[np.float32], *, window_s: float) -> list[Span]:
+    """A voice activity detector's segments as spans for the model: neighbours merged while they
+    fit the window (fewer, longer pieces give the model context), a segment longer than the window
+    cut at its own pauses. Bounds are clipped to the audio; no segment, no span."""
+    total, window = len(samples), int(window_s * SAMPLE_RATE)
+    pieces = [Span(max(0, a * SAMPLE_RATE // 1000), min(total, b * SAMPLE_RATE // 1000)) for a, b in segments_ms]
+    merged: list[Span] = []
+    for piece in (p for p in pieces if p.end > p.start):
+        if merged and piece.end - merged[-1].start <= window:
+            merged[-1] = Span(merged[-1].start, max(merged[-1].end, piece.end))
+        else:
+            merged.append(piece)
+    spans: list[Span] = []
+    for span in merged:
+        if span.end - span.start <= window:
+            spans.append(span)
+        else:
+            spans += [Span(span.start + part.start, span.start + part.end)
+                      for part in split(samples[span.start:span.end], window_s=window_s)]
+    return spans
+
+
 def batches(spans: list[Span], size: int) -> list[list[Span]]:
     """Consecutive groups of at most ``size`` spans, for one session run each."""
     return [spans[i : i + size] for i in range(0, len(spans), size)]

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from server.errors import VoxswapError
 from server.tools.cli_models import add_make_test_model, golden_pairs
+from server.tools.cli_pipelines import add_pipeline_commands
 from server.vocab import HistoryEvent
 
 
@@ -126,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("out", type=Path)
     exp.set_defaults(func=_registry_export)
+    add_pipeline_commands(sub, _registry_arg, _catalog)
     can = sub.add_parser("canary", help="canary or shadow rollouts on a running server")
     can.add_argument("canary_command", choices=["start", "status", "stop"])
     can.add_argument("--server", default="http://127.0.0.1:7860", help="server URL (default %(default)s)")
