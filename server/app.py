@@ -24,6 +24,7 @@ from server.service import background
 from server.service.context import AppContext
 from server.service.inference import InferencePool
 from server.service.jobs import JobRunner
+from server.service.pipeline import PipelineGate
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage import seed
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     service = TranscriptionService(models, pool, settings, metrics)
     ctx = AppContext(settings, catalog, metrics, models, pool, service)
     ctx.pipelines = PipelineStore(catalog)
+    models.pipeline_gate = PipelineGate(models, ctx.pipelines, settings).check
     jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
     ctx.jobs = JobRunner(store, service, pool, models.default, settings)

@@ -149,3 +149,27 @@ def test_pipelines_are_managed_by_cli_and_admin_api(stages: ModelCatalog, pipeli
     assert events.count("pipeline_set") == 2 and events.count("pipeline_remove") == 1
     assert cli(["pipeline", "remove", "meeting", "--registry", root]) == 0
     assert cli(["pipeline", "remove", "meeting", "--registry", root]) == 1
+
+
+def test_a_new_version_of_any_stage_must_pass_the_pipelines_golden_clip(
+        stages: ModelCatalog, make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    clip = tmp_path / "golden.wav"
+    clip.write_bytes(synth.wav_bytes(synth.islands([("silence", 0.5), ("speech", 2.0), ("silence", 0.5)], seed=5)))
+    root = str(stages.root)
+    assert cli(["pipeline", "set", "meeting", "--vad", "fsmn", "--asr", "sensevoice", "--punc", "punc",
+                "--smoke-audio", str(clip), "--smoke-text", TEXT_A + "。", "--registry", root]) == 0
+    with TestClient(create_app(make_settings(smoke_cer_threshold=0.0))) as c:
+        ok = c.post("/admin/models/fsmn/update", json={"version": "v2"}, headers=AUTH)  # the same detector
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["timings"]["pipeline_smoke_s"] > 0
+        for path, version, expected in (("/admin/model/update", "b", TEXT_B), ("/admin/models/punc/update", "p2", "？")):
+            refused = c.post(path, json={"version": version}, headers=AUTH)
+            assert refused.status_code == 422, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "swap_failed" and error["report"]["outcome"] == "smoke_failed"
+            assert "pipeline 'meeting'" in error["message"] and expected in error["message"], error["message"]
+        answer = c.post("/api/transcribe", files={"file": ("c.wav", clip.read_bytes(), "audio/wav")},
+                        data={"model": "meeting"}).json()
+        assert answer["model_versions"] == {"vad": "fsmn@v2", "asr": "sensevoice@a", "punc": "punc@p1"}
+        assert answer["text"] == TEXT_A + "。"
+    assert cli(["pipeline", "set", "meeting", "--asr", "sensevoice", "--smoke-audio", str(clip), "--registry", root]) == 2

@@ -30,10 +30,17 @@ class PipelineBody(Closed):
     punc: str | None = Field(None, max_length=64, description="A punctuation model (ct-punc)")
 
 
+class GoldenClip(Closed):
+    audio: str = Field(description="The clip's file, relative to the registry folder")
+    text: str = Field(description="What the whole pipeline must answer for it")
+
+
 class PipelineAnswer(PipelineBody):
     name: str
     created_at: float
     updated_at: float
+    smoke: list[GoldenClip] = Field(description="Golden clips a new version of any stage must pass through the "
+                                                "whole pipeline (voxswap pipeline set --smoke-audio/--smoke-text)")
 
 
 class PipelineList(Closed):

@@ -31,6 +31,8 @@ class CandidateBuilder:
         self.settings = settings
         self.metrics = metrics
         self.lean: Callable[[str], bool] = lambda version: False  # build it with one intra-op thread
+        # beyond its own smoke test: why a candidate fails the pipelines that use its model, or None
+        self.gate: Callable[[LoadedModel], str | None] = lambda candidate: None
 
     def build(self, version: str, report: SwapReport, *, role: str = "coordinator") -> LoadedModel:
         """Verify, load and smoke-test ``version``; each phase's time goes into ``report``."""
@@ -73,8 +75,15 @@ class CandidateBuilder:
             engine.close()
             raise SwapFailed(f"version {version!r} failed its smoke test: {smoke.reason}",
                              outcome="smoke_failed")
-        return LoadedModel(version=version, path=path, manifest=manifest, engine=engine,
-                           loaded_at=time.time(), load_s=load_s, memory_bytes=memory, smoke=smoke)
+        candidate = LoadedModel(version=version, path=path, manifest=manifest, engine=engine,
+                                loaded_at=time.time(), load_s=load_s, memory_bytes=memory, smoke=smoke)
+        t = time.perf_counter()
+        problem = self.gate(candidate)
+        report.timings["pipeline_smoke_s"] = time.perf_counter() - t
+        if problem is not None:
+            engine.close()
+            raise SwapFailed(f"version {version!r} failed a pipeline's smoke test: {problem}", outcome="smoke_failed")
+        return candidate
 
     def trial(self, version: str, *, event: str) -> SwapReport:
         """Build ``version`` and close it again: the CLI's promote checks a version this way before

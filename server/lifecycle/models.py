@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from server.errors import NotFound
+from server.lifecycle.holder import LoadedModel
 from server.lifecycle.policy import ModelLifecycle
 from server.lifecycle.report import SwapReport
 from server.metrics import Metrics
@@ -30,6 +31,8 @@ class ModelSet:
         self._lifecycles: dict[str, ModelLifecycle] = {}
         self._draining = False
         self.after_swap: Callable[[SwapReport], None] = lambda report: None  # told of every model's swaps
+        # the pipelines' gate (set by the service layer): (model, candidate) -> why it fails, or None
+        self.pipeline_gate: Callable[[str, LoadedModel], str | None] = lambda model, candidate: None
         self._add(catalog.default)
 
     @property
@@ -68,6 +71,7 @@ class ModelSet:
         lifecycle = ModelLifecycle(self.catalog.registry(name), self.settings, self.metrics.for_model(name))
         lifecycle.draining = self._draining
         lifecycle.after_swap = lambda report: self.after_swap(report)
+        lifecycle.builder.gate = lambda candidate: self.pipeline_gate(name, candidate)
         self._lifecycles = {**self._lifecycles, name: lifecycle}  # readers iterate without the guard
         return lifecycle
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import unicodedata
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from server.service.pipeline import Stages
 from server.service.shadow import ShadowRunner
 from server.settings import Settings
 from server.speech import audio, richtext, segmenter
+from server.speech.richtext import join_texts
 from server.vocab import ModelKind, pinned_name
 
 log = logging.getLogger("voxswap.service")
@@ -332,21 +332,6 @@ class FileTranscription:
             model_version=version,
             duration_s=duration, processing_ms=elapsed * 1000, segments=segments,
         )
-
-
-def join_texts(texts: list[str]) -> str:
-    """Segments' texts as one: a space between two, except where both sides are CJK characters
-    (which a Paraformer writes without spaces)."""
-    joined = ""
-    for text in texts:
-        if joined and not (_wide(joined[-1]) and _wide(text[0])):
-            joined += " "
-        joined += text
-    return joined
-
-
-def _wide(ch: str) -> bool:
-    return unicodedata.east_asian_width(ch) == "W"
 
 
 def _most_common(values: list[str | None]) -> str | None:

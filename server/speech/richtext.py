@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from server.vocab import LANGUAGES
@@ -86,3 +87,18 @@ def char_error_rate(reference: str, hypothesis: str) -> float:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
         previous = current
     return previous[-1] / len(ref)
+
+
+def join_texts(texts: list[str]) -> str:
+    """Segments' texts as one: a space between two, except where both sides are CJK characters
+    (which a Paraformer writes without spaces)."""
+    joined = ""
+    for text in filter(None, texts):
+        if joined and not (_wide(joined[-1]) and _wide(text[0])):
+            joined += " "
+        joined += text
+    return joined
+
+
+def _wide(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) == "W"

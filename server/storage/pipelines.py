@@ -10,10 +10,12 @@ the request aliases, so a request's ``model`` never means two things.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from server.errors import Conflict, InvalidRequest, NotFound
@@ -38,6 +40,7 @@ class Pipeline:
     punc: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    smoke: list[dict[str, str]] = field(default_factory=list)  # golden clips through every stage: audio, text
 
     def stages(self) -> dict[str, str]:
         """The stages that are set, in the order audio goes through them."""
@@ -82,8 +85,12 @@ class PipelineStore:
         return {name: Pipeline(**{"name": name, **fields}) for name, fields in data.get("pipelines", {}).items()}
 
     def set(self, name: str, *, asr: str, vad: str | None = None, punc: str | None = None,
-            actor: str = "cli") -> Pipeline:
-        """Create or change a pipeline; every stage's model must exist and be of the stage's kind."""
+            smoke: list[tuple[Path, str]] | None = None, actor: str = "cli") -> Pipeline:
+        """Create or change a pipeline; every stage's model must exist and be of the stage's kind.
+
+        ``smoke``: golden clips and the text the whole pipeline must give for each; a new version of
+        any stage then has to pass them (with the other stages' live versions) before it serves.
+        Without new clips, a change keeps the pipeline's goldens."""
         validate_model_name(name)
         if self.catalog.exists(name):
             raise Conflict(f"{name!r} is a model; a pipeline needs a name of its own", param="pipeline")
@@ -98,7 +105,8 @@ class PipelineStore:
             current = self._read()
             before = current.get(name)
             now = time.time()
-            pipeline = Pipeline(name, asr, vad, punc, before.created_at if before else now, now)
+            goldens = self._store_clips(name, smoke) if smoke else (before.smoke if before else [])
+            pipeline = Pipeline(name, asr, vad, punc, before.created_at if before else now, now, goldens)
             current[name] = pipeline
             self._write(current)
             registry.record(HistoryEvent.PIPELINE_SET, pipeline=name, stages=pipeline.stages(), actor=actor,
@@ -115,6 +123,24 @@ class PipelineStore:
             self._write(current)
             registry.record(HistoryEvent.PIPELINE_REMOVE, pipeline=name, stages=removed.stages(), actor=actor)
         return removed
+
+    def clip_path(self, golden: dict[str, str]) -> Path:
+        return self.catalog.root / golden["audio"]
+
+    def _store_clips(self, name: str, smoke: list[tuple[Path, str]]) -> list[dict[str, str]]:
+        """The clips copied beside the pipelines file (checked to decode first): they must outlive
+        the files the operator gave."""
+        from server.storage.manifest import check_clip
+
+        folder = self.catalog.root / "pipelines" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        goldens = []
+        for i, (audio, text) in enumerate(smoke):
+            check_clip(Path(audio))
+            target = folder / f"golden-{i}{Path(audio).suffix or '.wav'}"
+            shutil.copyfile(audio, target)
+            goldens.append({"audio": str(target.relative_to(self.catalog.root)), "text": text.strip()})
+        return goldens
 
     def using(self, model: str) -> list[Pipeline]:
         """The pipelines one of whose stages is ``model``."""

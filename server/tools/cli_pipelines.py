@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -22,6 +24,9 @@ def add_pipeline_commands(sub: Any, registry_arg: Callable[[argparse.ArgumentPar
     put.add_argument("--asr", required=True, help="the speech recognition model")
     put.add_argument("--vad", help="a voice activity detection model (kind fsmn-vad)")
     put.add_argument("--punc", help="a punctuation model (kind ct-punc)")
+    put.add_argument("--smoke-audio", type=Path, action="append", default=[],
+                     help="a golden clip through the whole pipeline: every stage's new version must pass it")
+    put.add_argument("--smoke-text", action="append", default=[], help="what the pipeline answers for it")
     lst = psub.add_parser("list", help="list the pipelines")
     registry_arg(lst)
     lst.add_argument("--json", action="store_true")
@@ -36,7 +41,11 @@ def _pipeline(args: argparse.Namespace, catalog: Any) -> int:
 
     store = PipelineStore(catalog)
     if args.pipeline_command == "set":
-        pipeline = store.set(args.name, asr=args.asr, vad=args.vad, punc=args.punc)
+        if len(args.smoke_audio) != len(args.smoke_text):
+            print("error: give one --smoke-text per --smoke-audio", file=sys.stderr)
+            return 2
+        pipeline = store.set(args.name, asr=args.asr, vad=args.vad, punc=args.punc,
+                             smoke=list(zip(args.smoke_audio, args.smoke_text, strict=True)))
         print(f"pipeline {pipeline.name}: {_stages(pipeline)}")
     elif args.pipeline_command == "remove":
         print(f"removed pipeline {store.remove(args.name).name}")
