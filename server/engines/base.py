@@ -12,14 +12,17 @@ makes funasr-onnx pull in librosa's loader and touch the disk on the request pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from server.speech.words import Word
 from server.vocab import ModelKind
 
 Waveform = NDArray[np.float32]
+SAMPLE_RATE = 16_000  # every engine takes 16 kHz mono
 MIN_SAMPLES = 400  # one 25 ms frame at 16 kHz: funasr-onnx's front end fails on anything shorter
 MAX_HOTWORD_CHARS = 10  # funasr-onnx pads each hotword to 10 characters and raises past that
 MAX_HOTWORDS = 100  # each is embedded on every request; a request is not a vocabulary
@@ -36,6 +39,12 @@ class EngineInferenceError(Exception):
 class HotwordsError(ValueError):
     """Hotwords sent to a model that cannot use them, or that funasr-onnx cannot take: the caller's
     mistake, which the service answers with a 400."""
+
+
+class TimestampsUnsupportedError(ValueError):
+    """Word timestamps asked of a model whose graph cannot give them (a Paraformer exported without
+    the ``us_alphas`` / ``us_cif_peak`` outputs): the caller's request, which the service answers
+    with a 400 ("model X does not give timestamps")."""
 
 
 class BaseEngine:
@@ -87,6 +96,28 @@ class AsrEngine(BaseEngine):
         """Raw output for one waveform."""
         return self.transcribe_batch([waveform], language=language, use_itn=use_itn, hotwords=hotwords)[0]
 
+    @property
+    def gives_timestamps(self) -> bool:
+        """Whether :meth:`transcribe_with_words` can answer (else it raises TimestampsUnsupportedError)."""
+        return False
+
+    def transcribe_batch_with_words(
+        self, waveforms: list[Waveform], *, language: str = "auto", use_itn: bool = False, hotwords: str = "",
+        offsets: Sequence[float] | None = None,
+    ) -> list[tuple[str, list[Word]]]:
+        """Per waveform: the raw text, exactly what :meth:`transcribe_batch` answers (tags included),
+        and its words, timed in seconds, in order, without overlaps, inside the waveform and shifted
+        by that waveform's offset (its segment's start in the file; 0 when ``offsets`` is None)."""
+        raise TimestampsUnsupportedError(f"this {self.kind} model does not give timestamps")
+
+    def transcribe_with_words(
+        self, waveform: Waveform, *, language: str = "auto", use_itn: bool = False, hotwords: str = "",
+        offset: float = 0.0,
+    ) -> tuple[str, list[Word]]:
+        """Raw text and timed words for one waveform (see :meth:`transcribe_batch_with_words`)."""
+        return self.transcribe_batch_with_words([waveform], language=language, use_itn=use_itn, hotwords=hotwords,
+                                                offsets=[offset])[0]
+
     def refuse_hotwords(self, hotwords: str) -> None:
         if hotwords.strip():
             raise HotwordsError(f"a {self.kind} model cannot use hotwords (only seaco-paraformer and "
@@ -118,6 +149,15 @@ def normalise_hotwords(hotwords: str) -> str:
     if len(words) > MAX_HOTWORDS:
         raise HotwordsError(f"{len(words)} hotwords: at most {MAX_HOTWORDS} per request")
     return " ".join(words)
+
+
+def offsets_for(waveforms: Sequence[Waveform], offsets: Sequence[float] | None) -> list[float]:
+    """One offset per waveform: ``offsets`` checked for length, or zeros."""
+    if offsets is None:
+        return [0.0] * len(waveforms)
+    if len(offsets) != len(waveforms):
+        raise ValueError(f"{len(offsets)} offsets for {len(waveforms)} waveforms")
+    return [float(o) for o in offsets]
 
 
 def device_id(device: str) -> str:

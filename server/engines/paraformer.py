@@ -12,27 +12,40 @@ What funasr-onnx 0.4.3 makes this engine live with (tests/test_modelgen_kinds.py
   text as one without;
 - SeACo and contextual models need ``hotwords=""`` for none (``None`` raises), and raise on a
   hotword of more than 10 characters: hotwords are normalised and checked before the call;
-- the front end fails on less than one 25 ms frame: such a waveform holds no words and gets "".
+- the front end fails on less than one 25 ms frame: such a waveform holds no words and gets "";
+- with the timestamp outputs (``us_alphas``, ``us_cif_peak``: four outputs in all) ``__call__``
+  answers word times only after its own post-processing, and asserts when the peaks do not number
+  tokens + 1: :meth:`ParaformerEngine.transcribe_batch_with_words` runs the graph itself and times
+  the tokens as FunASR does (:func:`server.speech.words.cif_token_spans`, with its fallback).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from server.engines.base import (
     MIN_SAMPLES,
+    SAMPLE_RATE,
     AsrEngine,
     EngineInferenceError,
     EngineLoadError,
+    TimestampsUnsupportedError,
     Waveform,
     device_id,
     normalise_hotwords,
+    offsets_for,
 )
+from server.speech import words
+from server.speech.words import Word
 from server.vocab import ModelKind
+
+TIMESTAMP_OUTPUTS = 4  # logits, token_num, us_alphas, us_cif_peak: funasr-onnx matches by count
 
 
 class ParaformerEngine(AsrEngine):
@@ -51,7 +64,14 @@ class ParaformerEngine(AsrEngine):
                                          device=device_id(device))
         except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
             raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
-        self._describe_session(self._session(), model_file, device)
+        session = self._session()
+        self._describe_session(session, model_file, device)
+        self._timestamps = len(session.get_outputs()) == TIMESTAMP_OUTPUTS
+
+    @property
+    def gives_timestamps(self) -> bool:
+        """Whether the graph has the BiCif timestamp outputs (``us_alphas``, ``us_cif_peak``)."""
+        return self._timestamps
 
     def _load(self, model_dir: Path, *, quantize: bool, threads: int, device: str) -> Any:
         from funasr_onnx import Paraformer
@@ -66,15 +86,23 @@ class ParaformerEngine(AsrEngine):
         result: list[dict[str, Any]] = self._model(waveform)
         return result
 
+    def _infer(self, feats: NDArray[np.float32], feats_len: NDArray[np.int32], hotwords: str) -> list[Any]:
+        """The graph's outputs for one clip's features, as ``__call__`` runs it."""
+        outputs: list[Any] = self._model.infer(feats, feats_len)
+        return outputs
+
+    def _hotwords(self, hotwords: str) -> str:
+        if self.takes_hotwords:
+            return normalise_hotwords(hotwords)
+        self.refuse_hotwords(hotwords)
+        return hotwords
+
     def transcribe_batch(
         self, waveforms: list[Waveform], *, language: str = "auto", use_itn: bool = False, hotwords: str = ""
     ) -> list[str]:
         """Plain text per waveform (no tags: a Paraformer has none; ``language`` and ``use_itn`` do not
         apply to it). ``hotwords``: space-separated words to bias towards, for the kinds that take them."""
-        if self.takes_hotwords:
-            hotwords = normalise_hotwords(hotwords)
-        else:
-            self.refuse_hotwords(hotwords)
+        hotwords = self._hotwords(hotwords)
         texts = []
         for waveform in waveforms:
             if len(waveform) < MIN_SAMPLES:
@@ -86,6 +114,46 @@ class ParaformerEngine(AsrEngine):
                                            "waveform: its inference failed (funasr-onnx logs and drops it)")
             texts.append(_text(result[0]))
         return texts
+
+    def transcribe_batch_with_words(
+        self, waveforms: list[Waveform], *, language: str = "auto", use_itn: bool = False, hotwords: str = "",
+        offsets: Sequence[float] | None = None,
+    ) -> list[tuple[str, list[Word]]]:
+        """The text :meth:`transcribe_batch` answers and its words, timed from the graph's CIF
+        peaks. Raises :class:`TimestampsUnsupportedError` for a graph without timestamp outputs."""
+        if not self._timestamps:
+            raise TimestampsUnsupportedError(
+                f"this {self.kind} model does not give timestamps: its graph has no us_alphas / us_cif_peak "
+                "outputs (export the timestamp variant)")
+        hotwords = self._hotwords(hotwords)
+        results: list[tuple[str, list[Word]]] = []
+        for waveform, offset in zip(waveforms, offsets_for(waveforms, offsets), strict=True):
+            if len(waveform) < MIN_SAMPLES:
+                results.append(("", []))
+                continue
+            text, tokens = self._timed_tokens(np.ascontiguousarray(waveform, np.float32), hotwords)
+            found = words.finish_words(words.paraformer_words(tokens), duration=len(waveform) / SAMPLE_RATE,
+                                       offset=offset)
+            results.append((text, found))
+        return results
+
+    def _timed_tokens(self, waveform: Waveform, hotwords: str) -> tuple[str, list[words.TimedToken]]:
+        """One clip through the graph: its text (as :func:`_text` makes it) and its timed tokens."""
+        from funasr_onnx.utils.utils import ONNXRuntimeError
+
+        model = self._model
+        feats, feats_len = model.extract_feat([waveform])
+        try:
+            am_scores, token_nums, us_alphas, us_peaks = self._infer(feats, feats_len, hotwords)[:TIMESTAMP_OUTPUTS]
+        except ONNXRuntimeError as exc:
+            raise EngineInferenceError(f"{type(model).__name__} failed on a waveform: {exc.__cause__ or exc}") from exc
+        tokens = [str(t) for t in model.decode_one(am_scores[0], int(token_nums[0]))]
+        try:
+            spans = words.cif_token_spans(us_peaks[0], len(tokens), us_alphas[0])
+        except ValueError as exc:
+            raise EngineInferenceError(f"{type(model).__name__} timestamps: {exc}") from exc
+        timed = [words.TimedToken(tok, start, end) for tok, (start, end) in zip(tokens, spans, strict=True)]
+        return _text({"raw_tokens": tokens}), timed
 
 
 class SeacoParaformerEngine(ParaformerEngine):
@@ -103,6 +171,16 @@ class SeacoParaformerEngine(ParaformerEngine):
     def _run(self, waveform: Waveform, hotwords: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._model(waveform, hotwords=hotwords)
         return result
+
+    def _infer(self, feats: NDArray[np.float32], feats_len: NDArray[np.int32], hotwords: str) -> list[Any]:
+        """The backbone's outputs, biased by the hotwords' embeddings exactly as funasr-onnx 0.4.3's
+        ``ContextualParaformer.__call__`` computes them (one clip)."""
+        model = self._model
+        ids, lengths = model.proc_hotword(hotwords)
+        [embedded] = model.eb_infer(ids, lengths)
+        bias = embedded.transpose(1, 0, 2)[np.arange(len(ids)), lengths.tolist()]  # [H+1, D]: each word's last state
+        outputs: list[Any] = model.bb_infer(feats, feats_len, bias[np.newaxis])
+        return outputs
 
 
 class ContextualParaformerEngine(SeacoParaformerEngine):
