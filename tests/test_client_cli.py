@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from server.app import create_app
+from server.storage.catalog import ModelCatalog
+from server.storage.registry import Registry
 from server.testing import synth
 from testkit.harness import serve_in_thread
 from tests.conftest import TEXT_A
@@ -133,3 +135,46 @@ def test_mistakes_get_a_message_not_a_traceback(recordings: Path, tmp_path: Path
     done = voxswap("transcribe", archive, "--server", server_url, "--out", tmp_path / "o")
     assert done.returncode == 1 and "unzip it" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+MEET_1 = "meeting model one speaks"
+
+
+@pytest.fixture
+def meeting_url(registry: Registry, model_dir: Callable[..., Path], make_settings: Callable[..., Any],
+                tmp_path: Path) -> Iterator[str]:
+    """A server with a named model ``meeting`` (``m1`` live) beside the default one."""
+    meeting = ModelCatalog(registry.root).create("meeting", "sensevoice")
+    meeting.add(model_dir(MEET_1), "m1")
+    meeting.promote("m1")
+    settings = make_settings(data_dir=tmp_path / "data", job_poll_s=0.05, segment_window_s=5.0)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def test_model_picks_the_model_of_one_file_and_of_batch_jobs(meeting_url: str, recordings: Path,
+                                                            tmp_path: Path) -> None:
+    standup = recordings / "monday" / "standup.wav"
+    done = voxswap("transcribe", standup, "--server", meeting_url, "--model", "meeting")
+    assert (done.returncode, done.stdout) == (0, MEET_1 + "\n"), done.stderr
+    data = json.loads(voxswap("transcribe", standup, "--server", meeting_url, "--model", "meeting@m1",
+                              "--format", "json").stdout)
+    assert (data["text"], data["model"], data["model_version"]) == (MEET_1, "meeting", "m1")
+    out = tmp_path / "transcripts"
+    done = voxswap("transcribe", recordings, "--server", meeting_url, "--out", out, "--model", "meeting")
+    assert done.returncode == 0, done.stderr
+    assert (out / "standup.txt").read_text() == (out / "standup-2.txt").read_text() == MEET_1 + "\n"
+    assert (out / "review.txt").read_text() == f"{MEET_1} {MEET_1}\n"
+    jobs = httpx.get(f"{meeting_url}/api/jobs").json()["jobs"]
+    assert [(j["model"], j["model_version"]) for j in jobs] == [("meeting", "m1")] * 3
+    assert voxswap("transcribe", standup, "--server", meeting_url).stdout == TEXT_A + "\n"  # no --model: default
+
+
+def test_an_unknown_model_stops_the_command_before_any_job_is_made(meeting_url: str, recordings: Path,
+                                                                    tmp_path: Path) -> None:
+    done = voxswap("transcribe", recordings / "monday" / "standup.wav", "--server", meeting_url, "--model", "nope")
+    assert done.returncode == 1 and "no model 'nope'" in done.stderr and "Traceback" not in done.stderr
+    done = voxswap("transcribe", recordings, "--server", meeting_url, "--out", tmp_path / "o", "--model", "nope")
+    assert done.returncode == 1 and "--model 'nope': HTTP 404: no model 'nope'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert httpx.get(f"{meeting_url}/api/jobs").json()["total"] == 0

@@ -9,7 +9,9 @@ retention, the disk budget and per-key visibility.
 from __future__ import annotations
 
 import io
+import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ import pytest
 from server.errors import InsufficientStorage, Overloaded, PayloadTooLarge
 from server.storage.job_queue import JobQueue
 from server.storage.job_records import NewJob
-from tests.job_store_fixtures import STORES, open_store, pg_server  # noqa: F401 (a fixture)
+from server.storage.job_schema_pg import MIGRATIONS
+from server.storage.job_store import JobStore
+from tests.job_store_fixtures import STORES, fresh_pg_url, open_store, pg_server  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(params=STORES)
@@ -169,3 +173,102 @@ def test_staged_uploads_that_are_discarded_leave_nothing(store: JobQueue) -> Non
     assert isinstance(staged, NewJob) and staged.size_bytes == 3
     store.discard([staged])
     assert store.get(staged.id) is None and store.pending() == 0
+
+
+def test_a_job_keeps_the_model_and_hotwords_it_was_submitted_with(store: JobQueue) -> None:
+    [pinned] = add(store, 1, model="meeting@m1")
+    [hot] = add(store, 1, model="hot", hotwords="voxswap blue")
+    [plain] = add(store, 1)
+    for job_id, model, hotwords in ((pinned, "meeting@m1", None), (hot, "hot", "voxswap blue"), (plain, None, None)):
+        job = store.get(job_id)
+        assert job is not None and (job.model, job.hotwords) == (model, hotwords)
+        assert (job.to_json()["model"], job.to_json()["hotwords"]) == (model, hotwords)
+    claimed = store.claim("me")
+    assert claimed is not None and (claimed.id, claimed.model) == (pinned, "meeting@m1")  # the runner resolves it
+    done = store.complete(claimed, "me", Result(text="x", model_version="m1"))
+    assert done is not None and (done.model, done.model_version) == ("meeting@m1", "m1")
+    failed = store.claim("me")
+    assert failed is not None and (failed.model, failed.hotwords) == ("hot", "voxswap blue")
+    failed = store.fail(failed, "me", "the job's model 'hot' cannot run it now: no model 'hot'")
+    assert failed is not None and failed.model == "hot"
+    listed = {j.id: j.model for j in store.page(status=None, limit=10, offset=0)[0]}
+    assert listed == {pinned: "meeting@m1", hot: "hot", plain: None}
+
+
+# The jobs table as the release before job models left it, in SQLite (PostgreSQL's is its migration 1,
+# since migrations are only ever appended): no ``model`` or ``hotwords`` column.
+PREVIOUS_SQLITE_SCHEMA = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, filename TEXT NOT NULL,
+    input_name TEXT NOT NULL, size_bytes INTEGER NOT NULL, status TEXT NOT NULL, language TEXT NOT NULL,
+    use_itn INTEGER NOT NULL, webhook_url TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    progress REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, owner TEXT, model_version TEXT,
+    duration_s REAL, processing_ms REAL, error TEXT, webhook_status TEXT,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_error TEXT, owner_key TEXT
+);
+CREATE INDEX jobs_status ON jobs (status, seq);
+CREATE INDEX jobs_owner ON jobs (owner) WHERE owner IS NOT NULL;
+CREATE INDEX jobs_owner_key ON jobs (owner_key, status, seq) WHERE owner_key IS NOT NULL;
+CREATE TABLE disk_usage (id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL);
+"""
+OLD_ID = "a" * 32
+OLD_AUDIO = b"RIFF-old-audio"
+
+
+def previous_release_store(kind: str, tmp_path: Path,
+                           request: pytest.FixtureRequest) -> tuple[JobQueue, Callable[[], JobQueue]]:
+    """A store whose database the previous release made, one job pending in it, opened by this
+    release; and a function that opens it again (a second start)."""
+    if kind == "sqlite":
+        root = tmp_path / "data"
+        (root / "jobs" / OLD_ID).mkdir(parents=True)
+        (root / "jobs" / OLD_ID / "input.wav").write_bytes(OLD_AUDIO)
+        with sqlite3.connect(root / "jobs.sqlite3") as db:
+            db.executescript(PREVIOUS_SQLITE_SCHEMA)
+            db.execute("INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, "
+                       "created_at) VALUES (?, 'old.wav', 'input.wav', ?, 'pending', 'auto', 0, 1.0)",
+                       (OLD_ID, len(OLD_AUDIO)))
+            db.execute("INSERT INTO disk_usage (id, bytes) VALUES (1, ?)", (len(OLD_AUDIO),))
+        db.close()
+        return JobStore(root).ensure(), lambda: JobStore(root).ensure()
+    import psycopg
+
+    from server.storage.job_store_pg import PgJobStore
+
+    url = fresh_pg_url(request.getfixturevalue("pg_server"))
+    version, first = MIGRATIONS[0]
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute("CREATE TABLE voxswap_schema_migrations (version INTEGER PRIMARY KEY, "
+                   "applied_at DOUBLE PRECISION NOT NULL)")
+        pg.execute(first)
+        pg.execute("INSERT INTO voxswap_schema_migrations (version, applied_at) VALUES (%s, 1.0)", (version,))
+        pg.execute("INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, created_at) "
+                   "VALUES (%s, 'old.wav', 'input.wav', %s, 'pending', 'auto', false, 1.0)", (OLD_ID, len(OLD_AUDIO)))
+        pg.execute("INSERT INTO job_blobs (job_id, kind, data) VALUES (%s, 'input', %s)", (OLD_ID, OLD_AUDIO))
+        pg.execute("UPDATE disk_usage SET bytes = %s WHERE id = 1", (len(OLD_AUDIO),))
+
+    def reopen() -> JobQueue:
+        store = PgJobStore(url, spool_dir=tmp_path / "spool", retry_s=5.0).ensure()
+        request.addfinalizer(store.close)
+        return store
+
+    return reopen(), reopen
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_jobs_of_the_previous_release_read_and_run_on_the_default_model(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store, reopen = previous_release_store(kind, tmp_path, request)
+    old = store.get(OLD_ID)
+    assert old is not None and (old.filename, old.model, old.hotwords) == ("old.wav", None, None)
+    assert old.to_json()["model"] is None
+    [new] = add(store, 1, model="meeting")
+    assert [(j.id, j.model) for j in store.page(status=None, limit=10, offset=0)[0]] == [(new, "meeting"),
+                                                                                       (OLD_ID, None)]
+    job = store.claim("me")
+    assert job is not None and job.id == OLD_ID and store.read_input(job) == OLD_AUDIO
+    done = store.complete(job, "me", Result(text="old"))
+    assert done is not None and store.read_result(done)["text"] == "old" and done.model is None
+    again = reopen()  # a second start: nothing to migrate
+    assert [(j.id, j.model) for j in again.page(status=None, limit=10, offset=0)[0]] == [(new, "meeting"),
+                                                                                       (OLD_ID, None)]

@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 
+from server.storage.job_schema_pg import MIGRATIONS
 from server.storage.job_store_pg import JobStoreUnavailable, PgJobStore
 from server.storage.registry import Registry
 from server.testing import synth
@@ -188,7 +189,8 @@ def test_instances_starting_together_migrate_the_schema_once(pg_server: pgkit.Po
     try:
         assert errors == []
         with psycopg.connect(url) as db:
-            assert db.execute("SELECT version FROM voxswap_schema_migrations").fetchall() == [(1,)]
+            applied = db.execute("SELECT version FROM voxswap_schema_migrations ORDER BY version").fetchall()
+            assert applied == [(version,) for version, _ in MIGRATIONS]
         assert all(s.pending() == 0 for s in stores)
     finally:
         for s in stores:

@@ -31,6 +31,9 @@ class Job(Closed):
     use_itn: bool
     progress: float = Field(description="0 to 1; the share of the recording transcribed so far")
     attempts: int
+    model: str | None = Field(description="As submitted: a model name, NAME@VERSION or a pipeline name; null for "
+                                          "the default model. The result names the model and versions that ran it")
+    hotwords: str | None = Field(description="As submitted; null for none")
     model_version: str | None
     duration_s: float | None
     processing_ms: float | None

@@ -12,10 +12,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from server.engines.base import HotwordsError, normalise_hotwords
 from server.errors import EmptyAudio, InvalidRequest, JobNotFinished, NotFound, NotReady
 from server.http import job_schemas, schemas
 from server.http.deps import Client, ClientDep, CtxDep
-from server.service import webhooks
+from server.http.transcribe import HOTWORDS_MAX_LENGTH
+from server.service import routing, webhooks
 from server.service.archives import Submission, ZipLimits, ZipPlan
 from server.service.context import AppContext
 from server.service.jobs import JobRunner
@@ -98,8 +100,21 @@ async def _webhook(url: str | None, settings: Settings) -> str | None:
     return url
 
 
+def _model(ctx: AppContext, model: str, hotwords: str) -> tuple[str | None, str | None]:
+    """Blocking: the job's model as asked (None: the default model) and its hotwords, checked now as
+    a request's are: 404 for a name that is no model, pipeline or version, 400 for a model that does
+    not transcribe or takes no hotwords, or hotwords it could not take. Resolved again when it runs."""
+    target = routing.resolve(ctx.models, model, None, ctx.pipelines)
+    ctx.service.check_request(target.model, hotwords=hotwords)
+    try:
+        words = normalise_hotwords(hotwords)
+    except HotwordsError as exc:
+        raise InvalidRequest(str(exc), param="hotwords") from exc
+    return model.strip() or None, words or None
+
+
 @router.post("", status_code=202, response_model=job_schemas.JobsSubmitted,
-             responses={**schemas.errors(400, 413, 503), 429: {
+             responses={**schemas.errors(400, 404, 413, 503), 429: {
                  "model": schemas.ErrorEnvelope, "description": "This key has its most jobs waiting; see Retry-After"},
                  507: {"model": schemas.ErrorEnvelope, "description": "The server's storage for jobs is full"}})
 async def submit(
@@ -109,9 +124,15 @@ async def submit(
     language: Annotated[Language, Form()] = "auto",
     use_itn: Annotated[bool, Form()] = False,
     webhook_url: Annotated[str | None, Form()] = None,
+    model: Annotated[str, Form(description="A model name, NAME@VERSION, a pipeline name, or nothing for the "
+                                           "default model; checked now (404, 400) and again when the job runs")] = "",
+    hotwords: Annotated[str, Form(max_length=HOTWORDS_MAX_LENGTH, description=(
+        "Space-separated words (up to 10 characters each) to bias a seaco-paraformer or "
+        "contextual-paraformer model towards; a 400 for a model that cannot use them"))] = "",
 ) -> dict[str, Any]:
     """Queue one job per recording, owned by the client's API key; the answer comes at once, the
     transcripts later."""
+    asked, words = await asyncio.to_thread(_model, ctx, model, hotwords)
     hook = await _webhook(webhook_url, ctx.settings)
     submission = Submission(ZipLimits.of(ctx.settings))  # every zip judged before anything is written
     plans = [await asyncio.to_thread(submission.survey, upload.filename or "upload", upload.file) for upload in files]
@@ -133,7 +154,7 @@ async def submit(
         jobs = await asyncio.to_thread(store.add, staged, language=language, use_itn=use_itn, webhook_url=hook,
                                        max_pending=ctx.settings.max_pending_jobs, owner_key=client.key_id,
                                        max_pending_per_key=ctx.settings.max_pending_jobs_per_key,
-                                       disk_budget=budget)
+                                       disk_budget=budget, model=asked, hotwords=words)
     except BaseException:
         await asyncio.to_thread(store.discard, staged)
         raise

@@ -5,12 +5,18 @@ batch of segments only when an inference thread is free and nobody is waiting fo
 of one file is pinned to the version its first batch leased; if a swap retires that version, the
 job starts over on the live one, so a result is always the work of the one version it records and
 a swap never waits for a long job.
+
+A job names its model as a request does (a model, ``NAME@VERSION``, a pipeline, or nothing for the
+default model), resolved again when it runs: a model removed since fails the job with the reason,
+it never runs on another one. A pinned version runs on that version or fails if it is not loaded.
+A pipeline runs the whole file in one call, every stage leased once, as a request's does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -21,14 +27,17 @@ import uuid
 import numpy as np
 from numpy.typing import NDArray
 
-from server.errors import NotReady, VersionNotLoaded, VoxswapError
+from server.errors import InvalidRequest, NotFound, NotReady, VersionNotLoaded, VoxswapError
 from server.lifecycle.policy import ModelLifecycle
+from server.service import routing
 from server.service.inference import InferencePool
+from server.service.routing import Target
 from server.service.transcription import Transcription, TranscriptionService
 from server.service.webhooks import WebhookSender
 from server.settings import Settings
 from server.storage.job_queue import JobQueue, QueueCounts
 from server.storage.job_records import Job
+from server.storage.pipelines import PipelineStore
 
 log = logging.getLogger("voxswap.jobs")
 
@@ -45,9 +54,11 @@ class JobRunner:
     """This process's job workers: claim, transcribe through the shared pool, record, notify."""
 
     def __init__(self, store: JobQueue, service: TranscriptionService, pool: InferencePool, lifecycle: ModelLifecycle,
-                 settings: Settings):
+                 settings: Settings, pipelines: PipelineStore | None = None):
         self.store = store
         self.service = service
+        # the app's pipelines (a store of its own otherwise: reads are cached by the file's signature)
+        self.pipelines = pipelines if pipelines is not None else PipelineStore(service.models.catalog)
         self.pool = pool
         self.lifecycle = lifecycle
         self.settings = settings
@@ -125,7 +136,8 @@ class JobRunner:
                 if job is None:
                     await self._idle()
                     continue
-                await self._run(job)
+                if not await self._run(job):  # put back: its model has no version to run it yet
+                    await asyncio.sleep(self.settings.job_poll_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a worker must outlive any one job or a broken disk moment
@@ -171,20 +183,29 @@ class JobRunner:
                 self._last_sweep = now
                 await asyncio.to_thread(self.store.sweep, self.settings.job_retention_s)
 
-    async def _run(self, job: Job) -> None:
-        log.info("job started", extra={"event": "job_start", "job": job.id, "attempt": job.attempts})
+    async def _run(self, job: Job) -> bool:
+        """Run one claimed job to its end; False when it went back to pending (no model loaded)."""
+        log.info("job started", extra={"event": "job_start", "job": job.id, "attempt": job.attempts,
+                                       "model": job.model})
         try:
+            target = await asyncio.to_thread(self._target, job)
             data = await asyncio.to_thread(self.store.read_input, job)
             await self._wait_for_turn()  # decoding is pool work, bounded and yielding as inference is
             samples = await self.pool.run(self.service.decode, data)
             del data
-            result = await self._transcribe(job, samples)
+            if target.stages is not None:  # a pipeline: the whole file in one go, every stage leased once
+                await self._wait_for_turn()
+                result = await self.pool.run(functools.partial(self.service.run_pipeline, watched=False),
+                                             target.stages, samples, job.language, job.use_itn, target.version,
+                                             job.hotwords or "")
+            else:
+                result = await self._transcribe(job, samples, target)
             finished = await asyncio.to_thread(self.store.complete, job, self.owner, result)
         except JobCancelled:
             finished = None
         except NotReady:
             await asyncio.to_thread(self.store.release, job, self.owner)  # no model: wait for one
-            return
+            return False
         except (VoxswapError, FileNotFoundError) as exc:
             reason = exc.message if isinstance(exc, VoxswapError) else "the job's audio is gone from the data dir"
             finished = await asyncio.to_thread(self.store.fail, job, self.owner, reason)
@@ -196,14 +217,34 @@ class JobRunner:
                                                "internal error while transcribing (see the server log)")
         if finished is None:
             log.info("job cancelled", extra={"event": "job_cancelled", "job": job.id})
-            return
+            return True
         self.jobs_run += 1
         self.service.metrics.jobs_finished.labels(finished.status).inc()
         log.info("job finished", extra={"event": "job_done", "job": job.id, "status": finished.status,
                                         "version": finished.model_version})
         self._notify(finished)
+        return True
 
-    async def _transcribe(self, job: Job, samples: NDArray[np.float32]) -> Transcription:
+    def _target(self, job: Job) -> Target:
+        """Blocking: the model the job asked for, as it is now. Gone since (a pipeline removed, a
+        model's folder deleted), or unable to run the job: the job fails saying why. Nothing loaded
+        for it yet: NotReady, before its audio is read, and the job waits for it."""
+        models = self.service.models
+        try:
+            target = routing.resolve(models, job.model, None, self.pipelines)
+            stages = target.stages
+            for lifecycle in (target.model, *((stages.vad, stages.punc) if stages is not None else ())):
+                if lifecycle is not None and not models.catalog.exists(lifecycle.name):
+                    raise NotFound(f"model {lifecycle.name!r} was removed", param="model")
+            self.service.check_request(target.model, hotwords=job.hotwords or "")
+        except (NotFound, InvalidRequest) as exc:
+            asked = job.model or models.default.name
+            raise type(exc)(f"the job's model {asked!r} cannot run it now: {exc.message}", param="model") from exc
+        if target.version is None and target.model.live is None:
+            raise NotReady(target.model.not_ready_reason())
+        return target
+
+    async def _transcribe(self, job: Job, samples: NDArray[np.float32], target: Target) -> Transcription:
         """The routes' pipeline at a job's pace: one batch per inference call, each when it is our
         turn, with the progress stored (and a cancel noticed) after each.
 
@@ -211,7 +252,8 @@ class JobRunner:
         the version a job started on is gone, the job starts over on the live one, and a result is
         always the work of the one version it records.
         """
-        file = await asyncio.to_thread(self.service.file, samples, language=job.language, use_itn=job.use_itn)
+        file = await asyncio.to_thread(self.service.file, samples, language=job.language, use_itn=job.use_itn,
+                                       version=target.version, model=target.model, hotwords=job.hotwords or "")
         for restart in range(MAX_RESTARTS + 1):
             try:
                 while not file.finished:
@@ -220,7 +262,10 @@ class JobRunner:
                     if not await asyncio.to_thread(self.store.progress, job.id, self.owner, file.progress):
                         raise JobCancelled(job.id)
                 return file.result()
-            except VersionNotLoaded:
+            except VersionNotLoaded as exc:
+                if target.version is not None:  # pinned: that version or nothing
+                    raise VersionNotLoaded(f"the job's model {job.model!r} cannot run it: {exc.message}",
+                                           param="model") from exc
                 if restart == MAX_RESTARTS:
                     raise
                 log.info("the job's version was swapped out; starting over on the live one",

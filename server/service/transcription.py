@@ -144,7 +144,7 @@ class TranscriptionService:
                                model: ModelLifecycle, client_key: str, hotwords: str,
                                stages: Stages | None = None) -> Transcription:
         if stages is not None:  # a pipeline: every stage leased once; no canary split for its stages yet
-            return self._run_pipeline(stages, self.decode(data), language, use_itn, version, hotwords)
+            return self.run_pipeline(stages, self.decode(data), language, use_itn, version, hotwords)
         return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key,
                                        hotwords=hotwords)
 
@@ -181,12 +181,13 @@ class TranscriptionService:
     def _transcribe_on(
         self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
         version: str | None, hotwords: str = "", *, spans: list[segmenter.Span] | None = None,
+        watched: bool = True,
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
 
-        Only requests feed the post-swap watch: a batch job's minutes of audio are no request
-        latency, and counting them would judge a new version by the jobs it happened to get.
+        Only requests feed the post-swap watch (``watched``): a batch job's minutes of audio are no
+        request latency, and counting them would judge a new version by the jobs it happened to get.
         """
         file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle,
                          hotwords=hotwords, spans=spans)
@@ -195,18 +196,20 @@ class TranscriptionService:
         except InvalidRequest:
             raise  # the request's mistake (hotwords), not the version's
         except Exception:
-            if file.version is not None:  # a refused lease is no outcome of any version
+            if watched and file.version is not None:  # a refused lease is no outcome of any version
                 lifecycle.stats.record(file.version, ok=False, empty=False, latency_s=file.elapsed_s)
             raise
         result = file.result()
-        lifecycle.stats.record(result.model_version, ok=True, empty=not result.text, latency_s=file.elapsed_s)
+        if watched:
+            lifecycle.stats.record(result.model_version, ok=True, empty=not result.text, latency_s=file.elapsed_s)
         return result
 
-    def _run_pipeline(self, stages: Stages, samples: NDArray[np.float32], language: str, use_itn: bool,
-                      version: str | None, hotwords: str) -> Transcription:
+    def run_pipeline(self, stages: Stages, samples: NDArray[np.float32], language: str, use_itn: bool,
+                     version: str | None, hotwords: str, *, watched: bool = True) -> Transcription:
         """Blocking: voice activity, speech recognition, punctuation, each stage leased once and held
         until the answer is assembled, so a stage swapped meanwhile never mixes two of its versions
-        into one answer; the answer names each stage's version."""
+        into one answer; the answer names each stage's version. Requests and batch jobs (the whole
+        file in one call, ``watched=False``: see :meth:`_transcribe_on`) both run it."""
         versions: dict[str, str] = {}
         with ExitStack() as leases:
             vad = leases.enter_context(stages.vad.lease()) if stages.vad is not None else None
@@ -215,7 +218,8 @@ class TranscriptionService:
             if stages.vad is not None and vad is not None:
                 spans = pipeline.vad_spans(stages.vad, vad, samples, window_s=self.settings.segment_window_s)
                 versions["vad"] = pinned_name(stages.vad.name, vad.version)
-            result = self._transcribe_on(stages.asr, samples, language, use_itn, version, hotwords, spans=spans)
+            result = self._transcribe_on(stages.asr, samples, language, use_itn, version, hotwords, spans=spans,
+                                         watched=watched)
             versions["asr"] = pinned_name(stages.asr.name, result.model_version)
             if stages.punc is not None and punc is not None:
                 texts = pipeline.punctuate(stages.punc, punc, [s.text for s in result.segments])

@@ -6,7 +6,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,14 +40,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_status TEXT,
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
     webhook_error TEXT,
-    owner_key TEXT
+    owner_key TEXT,
+    model TEXT,
+    hotwords TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner) WHERE owner IS NOT NULL;
 """
 # Columns added since the first release: ``JobStore.ensure`` adds the ones an existing database
 # lacks (ALTER TABLE ADD COLUMN, instant in SQLite), then creates the indexes that use them.
-ADDED_COLUMNS = {"owner_key": "TEXT"}
+ADDED_COLUMNS = {"owner_key": "TEXT", "model": "TEXT", "hotwords": "TEXT"}
 ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_key ON jobs (owner_key, status, seq) WHERE owner_key IS NOT NULL"
 
 
@@ -85,11 +87,14 @@ class Job:
     webhook_attempts: int
     webhook_error: str | None
     owner_key: str | None = None  # the client API key that submitted it (None: no keys configured)
+    model: str | None = None  # as submitted: a model, NAME@VERSION or a pipeline (None: the default model)
+    hotwords: str | None = None  # for a model that takes them (None: none)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | Mapping[str, Any]) -> Job:
-        """From an SQLite row or a PostgreSQL one (a dict); ``seq`` is only the queue's order."""
-        data = {k: row[k] for k in row.keys() if k != "seq"}  # noqa: SIM118 (a Row is no mapping)
+        """From an SQLite row or a PostgreSQL one (a dict); ``seq`` is only the queue's order, and a
+        column a later release added is ignored, so a database it migrated still reads here."""
+        data = {k: row[k] for k in row.keys() if k in _FIELDS}  # noqa: SIM118 (a Row is no mapping)
         data["use_itn"] = bool(data["use_itn"])
         return cls(**data)
 
@@ -108,6 +113,8 @@ class Job:
             "use_itn": self.use_itn,
             "progress": round(self.progress, 4),
             "attempts": self.attempts,
+            "model": self.model,
+            "hotwords": self.hotwords,
             "model_version": self.model_version,
             "duration_s": self.duration_s,
             "processing_ms": None if self.processing_ms is None else round(self.processing_ms, 2),
@@ -127,6 +134,9 @@ class Job:
             "result_url": f"/api/jobs/{self.id}/result",
             "owner_key": self.owner_key,
         }
+
+
+_FIELDS = frozenset(f.name for f in fields(Job))
 
 
 def public_url(url: str) -> str:

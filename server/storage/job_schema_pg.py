@@ -61,6 +61,11 @@ CREATE TABLE job_blobs (
 CREATE TABLE disk_usage (id INTEGER PRIMARY KEY CHECK (id = 1), bytes BIGINT NOT NULL);
 INSERT INTO disk_usage (id, bytes) VALUES (1, 0);
 """),
+    # the model (or pipeline) a job asked for, and its hotwords; NULL: the default model, as before
+    (2, """
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS hotwords TEXT;
+"""),
 ]
 
 

@@ -125,8 +125,9 @@ class JobStore:
 
     def add(self, staged: list[NewJob], *, language: str, use_itn: bool, webhook_url: str | None,
             max_pending: int, owner_key: str | None = None, max_pending_per_key: int = 0,
-            disk_budget: int = 0) -> list[Job]:
-        """One row per staged upload, all or none, owned by ``owner_key``; refused when the queue is
+            disk_budget: int = 0, model: str | None = None, hotwords: str | None = None) -> list[Job]:
+        """One row per staged upload, all or none, owned by ``owner_key``, to run on ``model`` (a model,
+        NAME@VERSION or pipeline name as submitted; None: the default model); refused when the queue is
         full, or when that key already has ``max_pending_per_key`` jobs waiting (0: no such limit)."""
         now = time.time()
         with self._transaction() as db:
@@ -144,10 +145,11 @@ class JobStore:
             job_disk.check(job_disk.used(db), incoming, disk_budget)  # again here: peers submit meanwhile
             job_disk.charge(db, incoming)
             db.executemany(
-                "INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, "
-                "webhook_url, webhook_status, created_at, owner_key) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, webhook_url, "
+                "webhook_status, created_at, owner_key, model, hotwords) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(n.id, n.filename, n.input_name, n.size_bytes, language, int(use_itn), webhook_url,
-                  "pending" if webhook_url else None, now, owner_key) for n in staged],
+                  "pending" if webhook_url else None, now, owner_key, model, hotwords) for n in staged],
             )
             rows = db.execute(f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(staged))}) ORDER BY seq",
                               [n.id for n in staged]).fetchall()

@@ -164,7 +164,7 @@ class PgJobStore:
 
     def add(self, staged: list[NewJob], *, language: str, use_itn: bool, webhook_url: str | None,
             max_pending: int, owner_key: str | None = None, max_pending_per_key: int = 0,
-            disk_budget: int = 0) -> list[Job]:
+            disk_budget: int = 0, model: str | None = None, hotwords: str | None = None) -> list[Job]:
         """One row and one audio blob per staged upload, all or none (see ``JobStore.add``)."""
         now = time.time()
 
@@ -188,10 +188,10 @@ class PgJobStore:
                 for n in staged:
                     db.execute(
                         "INSERT INTO jobs (id, filename, input_name, size_bytes, status, language, use_itn, "
-                        "webhook_url, webhook_status, created_at, owner_key) "
-                        "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s)",
+                        "webhook_url, webhook_status, created_at, owner_key, model, hotwords) "
+                        "VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s, %s, %s)",
                         (n.id, n.filename, n.input_name, n.size_bytes, language, use_itn, webhook_url,
-                         "pending" if webhook_url else None, now, owner_key))
+                         "pending" if webhook_url else None, now, owner_key, model, hotwords))
                     data = (self.job_dir(n.id) / n.input_name).read_bytes()
                     db.execute("INSERT INTO job_blobs (job_id, kind, data) VALUES (%s, 'input', %s)", (n.id, data))
                 rows = db.execute("SELECT * FROM jobs WHERE id = ANY(%s) ORDER BY seq", ([n.id for n in staged],))

@@ -1,7 +1,7 @@
 """``voxswap jobs migrate``: move the jobs of an SQLite store into a PostgreSQL one.
 
 For the day a single machine becomes a fleet: every row keeps its id (so clients' job URLs still
-answer), status, times, owner key and webhook state; audio and results move into the database.
+answer), status, times, owner key, model, hotwords and webhook state; audio and results move into the database.
 Run it with the old instance stopped. A job that was running goes back to pending (its process is
 gone); an undelivered webhook is handed to an owner nobody holds, so the first instance's recovery
 adopts and delivers it. Copying is idempotent: a job already in the destination is skipped, so an
@@ -27,7 +27,7 @@ from server.storage.jobs_url import parse
 COLUMNS = ("id", "filename", "input_name", "size_bytes", "status", "language", "use_itn", "webhook_url",
            "created_at", "started_at", "finished_at", "progress", "attempts", "owner", "model_version",
            "duration_s", "processing_ms", "error", "webhook_status", "webhook_attempts", "webhook_error",
-           "owner_key")
+           "owner_key", "model", "hotwords")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, help="write <stem>.<format> here (needed for several files)")
     tr.add_argument("--language", default="auto", help="auto, zh, en, yue, ja, ko")
     tr.add_argument("--use-itn", action="store_true", help="punctuation and inverse text normalisation")
+    tr.add_argument("--model", default="", help="a model name, NAME@VERSION or a pipeline name (default: the "
+                                                "server's default model)")
     tr.set_defaults(func=_transcribe)
 
     add_make_test_model(sub)
@@ -206,7 +208,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from server.tools.client import ClientError, Options, run
 
     options = Options(server=args.server, fmt=args.fmt, out=args.out, language=args.language,
-                      use_itn=args.use_itn)
+                      use_itn=args.use_itn, model=args.model)
     try:
         return run(args.paths, options)
     except ClientError as exc:

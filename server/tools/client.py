@@ -36,6 +36,7 @@ class Options:
     out: Path | None = None
     language: str = "auto"
     use_itn: bool = False
+    model: str = ""  # a model, NAME@VERSION or pipeline name; "" for the server's default model
     poll_s: float = 0.5
     timeout_s: float = 600.0
 
@@ -139,6 +140,16 @@ def _raise_for(response: httpx.Response, what: str) -> None:
     raise ClientError(f"{what}: HTTP {response.status_code}: {reason}")
 
 
+def _refuses_the_model(response: httpx.Response) -> bool:
+    """A 404 or 400 about ``--model``: every file would be refused alike, so the batch stops."""
+    if response.status_code not in (400, 404):
+        return False
+    try:
+        return bool(response.json()["error"]["param"] == "model")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def run(paths: Sequence[Path], options: Options, *, stdout: IO[str] = sys.stdout,
         stderr: IO[str] = sys.stderr) -> int:
     """The ``transcribe`` command; returns the exit status (0 all done, 1 some failed, 2 usage)."""
@@ -163,7 +174,8 @@ def run(paths: Sequence[Path], options: Options, *, stdout: IO[str] = sys.stdout
 
 
 def _form(options: Options) -> dict[str, str]:
-    return {"language": options.language, "use_itn": "true" if options.use_itn else "false"}
+    form = {"language": options.language, "use_itn": "true" if options.use_itn else "false"}
+    return {**form, "model": options.model} if options.model else form
 
 
 def _one(client: httpx.Client, path: Path, options: Options, stdout: IO[str]) -> int:
@@ -211,6 +223,8 @@ def _batch(client: httpx.Client, files: Sequence[Path], out: Path, options: Opti
 def _submit(client: httpx.Client, item: Item, options: Options) -> None:
     with item.path.open("rb") as fh:
         response = client.post("/api/jobs", files=[("files", (item.path.name, fh))], data=_form(options))
+    if _refuses_the_model(response):
+        _raise_for(response, f"--model {options.model!r}")
     try:
         _raise_for(response, "submit")
     except ClientError as exc:  # this file is refused (too big, empty); the others go on
