@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     models.pipeline_gate = PipelineGate(models, ctx.pipelines, settings).check
     jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
-    ctx.jobs = JobRunner(store, service, pool, models.default, settings)
+    ctx.jobs = JobRunner(store, service, pool, models.default, settings, ctx.pipelines)
     for gauge in (metrics.jobs_pending, metrics.jobs_running):
         gauge.labels(ctx.jobs.queue_label).set(0)  # the series exists before the first heartbeat
     models.after_swap = lambda report: background.check_memory_budget(ctx, report)

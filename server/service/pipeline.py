@@ -7,7 +7,8 @@ stats, so a stage's post-swap watch and canary judge it on pipeline traffic too.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,34 +38,40 @@ class Stages:
 
 
 def vad_spans(lifecycle: ModelLifecycle, model: LoadedModel, samples: NDArray[np.float32], *,
-              window_s: float) -> list[segmenter.Span]:
-    """The voice activity stage's segments as spans for the speech recognition stage."""
+              window_s: float, record: bool = True) -> list[segmenter.Span]:
+    """The voice activity stage's segments as spans for the speech recognition stage. ``record``:
+    the outcome counts for the stage's watch and canary (requests do; jobs and gate runs do not)."""
     engine = model.engine
     if not isinstance(engine, VadEngine):
         raise InvalidRequest(f"model {lifecycle.name!r} is not a voice activity detector", param="model")
-    started = time.perf_counter()
-    try:
+    with _recorded(lifecycle, model, record) as outcome:
         segments = engine.segments(samples)
-    except Exception:
-        lifecycle.stats.record(model.version, ok=False, empty=False, latency_s=time.perf_counter() - started)
-        raise
-    lifecycle.stats.record(model.version, ok=True, empty=not segments, latency_s=time.perf_counter() - started)
+        outcome["empty"] = not segments
     return segmenter.from_segments(segments, samples, window_s=window_s)
 
 
-def punctuate(lifecycle: ModelLifecycle, model: LoadedModel, texts: list[str]) -> list[str]:
+def punctuate(lifecycle: ModelLifecycle, model: LoadedModel, texts: list[str], *, record: bool = True) -> list[str]:
     """Each segment's text punctuated on its own: a segment is a stretch of speech between pauses."""
     engine = model.engine
     if not isinstance(engine, PuncEngine):
         raise InvalidRequest(f"model {lifecycle.name!r} is not a punctuation model", param="model")
-    started = time.perf_counter()
+    with _recorded(lifecycle, model, record):
+        return [engine.punctuate(text) for text in texts]
+
+
+@contextmanager
+def _recorded(lifecycle: ModelLifecycle, model: LoadedModel, record: bool) -> Iterator[dict[str, bool]]:
+    """A stage's outcome and time into its model's stats (when ``record``); the block may mark the
+    outcome empty."""
+    started, outcome = time.perf_counter(), {"empty": False}
     try:
-        done = [engine.punctuate(text) for text in texts]
+        yield outcome
     except Exception:
-        lifecycle.stats.record(model.version, ok=False, empty=False, latency_s=time.perf_counter() - started)
+        if record:
+            lifecycle.stats.record(model.version, ok=False, empty=False, latency_s=time.perf_counter() - started)
         raise
-    lifecycle.stats.record(model.version, ok=True, empty=False, latency_s=time.perf_counter() - started)
-    return done
+    if record:
+        lifecycle.stats.record(model.version, ok=True, empty=outcome["empty"], latency_s=time.perf_counter() - started)
 
 
 class PipelineGate:
@@ -103,7 +110,7 @@ class PipelineGate:
             stage = {role: candidate if name == model else leases.enter_context(self.models.get(name).lease())
                      for role, name in found.stages().items()}
             spans = (vad_spans(self.models.get(found.vad), stage["vad"], samples,
-                               window_s=self.settings.segment_window_s) if found.vad
+                               window_s=self.settings.segment_window_s, record=False) if found.vad
                      else segmenter.split(samples, window_s=self.settings.segment_window_s))
             engine = stage["asr"].engine
             if not isinstance(engine, AsrEngine):
@@ -111,5 +118,5 @@ class PipelineGate:
             raws = engine.transcribe_batch([samples[s.start:s.end] for s in spans], language="auto", use_itn=False)
             texts = [richtext.parse(raw).text if engine.tagged else " ".join(raw.split()) for raw in raws]
             if found.punc:
-                texts = punctuate(self.models.get(found.punc), stage["punc"], [t for t in texts if t])
+                texts = punctuate(self.models.get(found.punc), stage["punc"], [t for t in texts if t], record=False)
             return richtext.join_texts(texts)

@@ -216,13 +216,14 @@ class TranscriptionService:
             punc = leases.enter_context(stages.punc.lease()) if stages.punc is not None else None
             spans = None
             if stages.vad is not None and vad is not None:
-                spans = pipeline.vad_spans(stages.vad, vad, samples, window_s=self.settings.segment_window_s)
+                spans = pipeline.vad_spans(stages.vad, vad, samples, window_s=self.settings.segment_window_s,
+                                           record=watched)
                 versions["vad"] = pinned_name(stages.vad.name, vad.version)
             result = self._transcribe_on(stages.asr, samples, language, use_itn, version, hotwords, spans=spans,
                                          watched=watched)
             versions["asr"] = pinned_name(stages.asr.name, result.model_version)
             if stages.punc is not None and punc is not None:
-                texts = pipeline.punctuate(stages.punc, punc, [s.text for s in result.segments])
+                texts = pipeline.punctuate(stages.punc, punc, [s.text for s in result.segments], record=watched)
                 for segment, text in zip(result.segments, texts, strict=True):
                     segment.text = text
                 result.text = join_texts(texts)
