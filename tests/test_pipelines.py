@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,49 @@ def test_a_new_version_of_any_stage_must_pass_the_pipelines_golden_clip(
         assert answer["text"] == TEXT_A + "。"
     lone_clip = ["--smoke-audio", str(clip)]  # without its text
     assert cli(["pipeline", "set", "meeting", "--asr", "sensevoice", *lone_clip, "--registry", root]) == 2
+
+
+def test_a_five_minute_recording_through_vad_asr_and_punctuation_has_ordered_segments_and_words(
+        stages: ModelCatalog, make_settings: Callable[..., Settings]) -> None:
+    talk = [("silence", 1.0)] + [part for _ in range(60) for part in (("speech", 3.0), ("silence", 2.0))]
+    clip = synth.wav_bytes(synth.islands(talk, seed=21))  # 301 s: sixty 3 s turns between 2 s pauses
+    with TestClient(create_app(make_settings())) as c:
+        r = c.post("/api/transcribe", files={"file": ("talk.wav", clip, "audio/wav")},
+                   data={"model": "meeting", "timestamps": "true"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        segments, words = body["segments"], body["words"]
+        assert body["duration_s"] == pytest.approx(301.0, abs=0.01)
+        assert len(segments) >= 10  # the detector's segments merged up to the 30 s window, not one piece
+        assert all(a["end"] <= b["start"] for a, b in pairwise(segments))
+        assert all(0 <= s["start"] < s["end"] <= 301.0 and s["text"] == TEXT_A + "。" for s in segments)
+        assert [w["word"] for w in words] == TEXT_A.split() * len(segments)
+        assert all(a["start"] <= b["start"] and a["end"] <= b["start"] + 1e-6
+                   for a, b in pairwise(words))  # in order, never overlapping
+        per_segment = len(TEXT_A.split())
+        for i, segment in enumerate(segments):  # each segment's words lie inside it
+            for word in words[i * per_segment:(i + 1) * per_segment]:
+                assert segment["start"] <= word["start"] <= word["end"] <= segment["end"], (segment, word)
+        verbose = c.post("/v1/audio/transcriptions", files={"file": ("talk.wav", clip, "audio/wav")},
+                         data={"model": "meeting", "response_format": "verbose_json",
+                               "timestamp_granularities[]": ["word", "segment"]}).json()
+        assert verbose["words"] == words and verbose["model_versions"] == body["model_versions"]
+        bad = c.post("/v1/audio/transcriptions", files={"file": ("talk.wav", clip, "audio/wav")},
+                     data={"timestamp_granularities[]": "word"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "timestamp_granularities"
+
+
+def test_timestamps_from_a_model_that_gives_none_are_a_400(
+        registry: Registry, make_settings: Callable[..., Settings], tmp_path: Path, speech_wav: bytes) -> None:
+    from server.testing.modelgen_paraformer import make_model
+
+    para = ModelCatalog(registry.root).create("para", "paraformer")
+    para.add(make_model("paraformer", tmp_path / "p1", text="plain paraformer"), "p1")
+    para.promote("p1")
+    with TestClient(create_app(make_settings())) as c:
+        r = c.post("/api/transcribe", files={"file": ("c.wav", speech_wav, "audio/wav")},
+                   data={"model": "para", "timestamps": "true"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "timestamps", r.text
+        assert "does not give timestamps" in r.json()["error"]["message"]
+        ok = c.post("/api/transcribe", files={"file": ("c.wav", speech_wav, "audio/wav")}, data={"model": "para"})
+        assert ok.status_code == 200 and "words" not in ok.json()

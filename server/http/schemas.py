@@ -81,6 +81,12 @@ class Segment(Closed):
     events: list[str]
 
 
+class WordStamp(Closed):
+    word: str
+    start: float = Field(description="Seconds from the start of the audio")
+    end: float
+
+
 class Transcription(Closed):
     text: str
     raw_text: str = Field(description="The model's output with its SenseVoice tags, segments joined")
@@ -92,6 +98,7 @@ class Transcription(Closed):
     duration_s: float
     processing_ms: float
     segments: list[Segment]
+    words: list[WordStamp] | None = Field(None, description="With timestamps=true: every word, in order")
     pipeline: str | None = Field(None, description="The pipeline that ran, when one was named (then `model` is "
                                                    "its speech recognition stage)")
     model_versions: dict[str, str] | None = Field(None, description="A pipeline's stages: vad, asr, punc -> "
@@ -118,6 +125,7 @@ class OpenAIVerboseTranscription(Closed):
     model_version: str
     pipeline: str | None = None
     model_versions: dict[str, str] | None = None
+    words: list[WordStamp] | None = Field(None, description="With timestamp_granularities[]=word")
 
 
 class ModelCard(Closed):

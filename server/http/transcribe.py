@@ -44,13 +44,16 @@ async def transcribe(
     hotwords: Annotated[str, Form(max_length=HOTWORDS_MAX_LENGTH, description=(
         "Space-separated words (up to 10 characters each) to bias a seaco-paraformer or "
         "contextual-paraformer model towards; a 400 for a model that cannot use them"))] = "",
+    timestamps: Annotated[bool, Form(description="Also answer `words`: each word with its start and end "
+                                                 "(a 400 for a model whose graph gives none)")] = False,
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Speech recognition models only: a punctuation or voice activity model is a 400."""
     target = routing.resolve(ctx.models, model, x_model_version, ctx.pipelines)
     result = await ctx.service.transcribe(await file.read(), language=language, use_itn=use_itn,
                                           model=target.model, version=target.version,
-                                          client_key=canary_key(request), hotwords=hotwords, stages=target.stages)
+                                          client_key=canary_key(request), hotwords=hotwords, stages=target.stages,
+                                          timestamps=timestamps)
     return JSONResponse(result.to_json(), headers=_headers(result))
 
 
@@ -73,15 +76,23 @@ async def openai_transcriptions(
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> Response:
     """OpenAI's transcription API. ``prompt`` is a seaco or contextual Paraformer's hotwords (its
-    words of up to 10 characters) and ignored for other models; ``temperature`` is ignored."""
+    words of up to 10 characters) and ignored for other models; ``temperature`` is ignored.
+    ``timestamp_granularities[]``: ``segment`` (always given) and ``word`` (``words``, as OpenAI),
+    with ``verbose_json`` only, as OpenAI's API."""
     lang = (language or "auto").lower()
     if lang not in LANGUAGES:
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
+    granularities = set(timestamp_granularities or [])
+    if granularities - {"word", "segment"}:
+        raise InvalidRequest("timestamp_granularities[] takes word and segment", param="timestamp_granularities")
+    if granularities and response_format != "verbose_json":
+        raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
+                             param="timestamp_granularities")
     target = routing.resolve(ctx.models, model, x_model_version, ctx.pipelines)
     hotwords = ctx.service.prompt_hotwords(target.model, prompt)
     result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
                                           version=target.version, client_key=canary_key(request),
-                                          hotwords=hotwords, stages=target.stages)
+                                          hotwords=hotwords, stages=target.stages, timestamps="word" in granularities)
     headers = _headers(result)
     if response_format == "text":
         return PlainTextResponse(result.text + "\n", headers=headers)
@@ -103,6 +114,7 @@ async def openai_transcriptions(
             "model": result.model,
             "model_version": result.model_version,
             **({"pipeline": result.pipeline, "model_versions": result.model_versions} if result.pipeline else {}),
+            **({"words": result.words} if result.words is not None else {}),
         }, headers=headers)
     return JSONResponse({"text": result.text}, headers=headers)
 

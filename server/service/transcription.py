@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server.engines.base import MAX_HOTWORD_CHARS, MAX_HOTWORDS, AsrEngine, HotwordsError
+from server.engines.base import (
+    MAX_HOTWORD_CHARS,
+    MAX_HOTWORDS,
+    AsrEngine,
+    HotwordsError,
+    TimestampsUnsupportedError,
+)
 from server.errors import InvalidRequest, VersionNotLoaded
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
@@ -35,6 +41,7 @@ from server.service.shadow import ShadowRunner
 from server.settings import Settings
 from server.speech import audio, richtext, segmenter
 from server.speech.richtext import join_texts
+from server.speech.words import Word
 from server.vocab import ModelKind, pinned_name
 
 log = logging.getLogger("voxswap.service")
@@ -63,6 +70,7 @@ class Transcription:
     duration_s: float
     processing_ms: float
     segments: list[Segment] = field(default_factory=list)
+    words: list[dict[str, Any]] | None = None  # {word, start, end}, when asked for (``timestamps``)
     pipeline: str | None = None  # the pipeline that ran it; then ``model`` is its speech recognition stage
     model_versions: dict[str, str] = field(default_factory=dict)  # a pipeline's stages: role -> NAME@VERSION
 
@@ -70,6 +78,8 @@ class Transcription:
         data = asdict(self)
         if self.pipeline is None:
             del data["pipeline"], data["model_versions"]
+        if self.words is None:
+            del data["words"]
         data["processing_ms"] = round(self.processing_ms, 2)
         data["duration_s"] = round(self.duration_s, 3)
         return data
@@ -116,6 +126,7 @@ class TranscriptionService:
     async def transcribe(
         self, data: bytes, *, language: str = "auto", use_itn: bool = False, version: str | None = None,
         model: ModelLifecycle | None = None, client_key: str = "", hotwords: str = "", stages: Stages | None = None,
+        timestamps: bool = False,
     ) -> Transcription:
         """Decoding is admitted work: it runs on the inference thread, in the same job as the model.
 
@@ -134,7 +145,7 @@ class TranscriptionService:
         lifecycle = stages.asr if stages is not None else model or self.models.default
         self.check_request(lifecycle, hotwords=hotwords)
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
-                                   lifecycle, client_key, hotwords, stages)
+                                   lifecycle, client_key, hotwords, stages, timestamps)
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
@@ -142,15 +153,16 @@ class TranscriptionService:
 
     def _decode_and_transcribe(self, data: bytes, language: str, use_itn: bool, version: str | None,
                                model: ModelLifecycle, client_key: str, hotwords: str,
-                               stages: Stages | None = None) -> Transcription:
+                               stages: Stages | None = None, timestamps: bool = False) -> Transcription:
         if stages is not None:  # a pipeline: every stage leased once; no canary split for its stages yet
-            return self.run_pipeline(stages, self.decode(data), language, use_itn, version, hotwords)
+            return self.run_pipeline(stages, self.decode(data), language, use_itn, version, hotwords,
+                                     timestamps=timestamps)
         return self.transcribe_samples(self.decode(data), language, use_itn, version, model, client_key,
-                                       hotwords=hotwords)
+                                       hotwords=hotwords, timestamps=timestamps)
 
     def transcribe_samples(
         self, samples: NDArray[np.float32], language: str, use_itn: bool, version: str | None,
-        model: ModelLifecycle | None = None, client_key: str = "", *, hotwords: str = "",
+        model: ModelLifecycle | None = None, client_key: str = "", *, hotwords: str = "", timestamps: bool = False,
     ) -> Transcription:
         """Blocking: the version asked for, else a canary's split decides; a shadow mirrors the
         request once the live answer is known. A candidate that went away between the split and
@@ -160,11 +172,12 @@ class TranscriptionService:
         lifecycle = model or self.models.default
         routed = lifecycle.canary.route(client_key) if version is None else None
         try:
-            result = self._transcribe_on(lifecycle, samples, language, use_itn, routed or version, hotwords)
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, routed or version, hotwords,
+                                         timestamps=timestamps)
         except VersionNotLoaded:
             if routed is None:
                 raise
-            result = self._transcribe_on(lifecycle, samples, language, use_itn, None, hotwords)
+            result = self._transcribe_on(lifecycle, samples, language, use_itn, None, hotwords, timestamps=timestamps)
         if (version is None and routed is None and not hotwords.strip()
                 and (mirror := lifecycle.canary.mirror()) is not None):
             canary_id, candidate = mirror
@@ -181,7 +194,7 @@ class TranscriptionService:
     def _transcribe_on(
         self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
         version: str | None, hotwords: str = "", *, spans: list[segmenter.Span] | None = None,
-        watched: bool = True,
+        watched: bool = True, timestamps: bool = False,
     ) -> Transcription:
         """Blocking: runs on an inference thread. One lease decides the version that answers the
         whole file, however many segments long audio is cut into.
@@ -190,7 +203,7 @@ class TranscriptionService:
         request latency, and counting them would judge a new version by the jobs it happened to get.
         """
         file = self.file(samples, language=language, use_itn=use_itn, version=version, model=lifecycle,
-                         hotwords=hotwords, spans=spans)
+                         hotwords=hotwords, spans=spans, timestamps=timestamps)
         try:
             file.run()
         except InvalidRequest:
@@ -205,7 +218,8 @@ class TranscriptionService:
         return result
 
     def run_pipeline(self, stages: Stages, samples: NDArray[np.float32], language: str, use_itn: bool,
-                     version: str | None, hotwords: str, *, watched: bool = True) -> Transcription:
+                     version: str | None, hotwords: str, *, watched: bool = True,
+                     timestamps: bool = False) -> Transcription:
         """Blocking: voice activity, speech recognition, punctuation, each stage leased once and held
         until the answer is assembled, so a stage swapped meanwhile never mixes two of its versions
         into one answer; the answer names each stage's version. Requests and batch jobs (the whole
@@ -220,7 +234,7 @@ class TranscriptionService:
                                            record=watched)
                 versions["vad"] = pinned_name(stages.vad.name, vad.version)
             result = self._transcribe_on(stages.asr, samples, language, use_itn, version, hotwords, spans=spans,
-                                         watched=watched)
+                                         watched=watched, timestamps=timestamps)
             versions["asr"] = pinned_name(stages.asr.name, result.model_version)
             if stages.punc is not None and punc is not None:
                 texts = pipeline.punctuate(stages.punc, punc, [s.text for s in result.segments], record=watched)
@@ -233,11 +247,11 @@ class TranscriptionService:
 
     def file(self, samples: NDArray[np.float32], *, language: str, use_itn: bool,
              version: str | None = None, model: ModelLifecycle | None = None, hotwords: str = "",
-             spans: list[segmenter.Span] | None = None) -> FileTranscription:
+             spans: list[segmenter.Span] | None = None, timestamps: bool = False) -> FileTranscription:
         """Blocking (it cuts the audio unless ``spans`` are given): one file's transcription, to run at
         the caller's pace."""
         return FileTranscription(self, model or self.models.default, samples, language, use_itn, version,
-                                 hotwords, spans)
+                                 hotwords, spans, timestamps)
 
 
 class FileTranscription:
@@ -253,9 +267,11 @@ class FileTranscription:
 
     def __init__(self, service: TranscriptionService, model: ModelLifecycle, samples: NDArray[np.float32],
                  language: str, use_itn: bool, version: str | None, hotwords: str = "",
-                 spans: list[segmenter.Span] | None = None):
+                 spans: list[segmenter.Span] | None = None, timestamps: bool = False):
         self._service = service
         self._hotwords = hotwords
+        self._timestamps = timestamps
+        self._words: list[list[Word]] = []  # per segment, in step with the raw texts, when timestamps
         self._tagged = True  # SenseVoice's raw text carries tags; set from the engine that runs the file
         self._model = model
         self._samples = samples
@@ -292,12 +308,22 @@ class FileTranscription:
             started = time.perf_counter()
             try:
                 for batch in todo:
-                    self._raws += engine.transcribe_batch(
-                        [self._samples[s.start : s.end] for s in batch], language=self._language,
-                        use_itn=self._use_itn, hotwords=self._hotwords)
+                    waves = [self._samples[s.start : s.end] for s in batch]
+                    if self._timestamps:
+                        pairs = engine.transcribe_batch_with_words(
+                            waves, language=self._language, use_itn=self._use_itn, hotwords=self._hotwords,
+                            offsets=[s.start_s for s in batch])
+                        self._raws += [raw for raw, _ in pairs]
+                        self._words += [words for _, words in pairs]
+                    else:
+                        self._raws += engine.transcribe_batch(waves, language=self._language, use_itn=self._use_itn,
+                                                              hotwords=self._hotwords)
                     self._done += 1
             except HotwordsError as exc:
                 raise InvalidRequest(str(exc), param="hotwords") from exc
+            except TimestampsUnsupportedError as exc:
+                raise InvalidRequest(f"model {self._model.name!r} does not give timestamps: {exc}",
+                                     param="timestamps") from exc
             finally:
                 self.elapsed_s += time.perf_counter() - started
 
@@ -306,6 +332,7 @@ class FileTranscription:
         self.version = None
         self.elapsed_s = 0.0
         self._raws = []
+        self._words = []
         self._done = 0
 
     def result(self) -> Transcription:
@@ -336,6 +363,8 @@ class FileTranscription:
             emotion=_most_common([p.emotion for p in tagged]), events=events, model=self._model.name,
             model_version=version,
             duration_s=duration, processing_ms=elapsed * 1000, segments=segments,
+            words=[asdict(w) for ws, p in zip(self._words, parsed, strict=True) if p.text for w in ws]
+            if self._timestamps else None,
         )
 
 
