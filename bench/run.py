@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import common, memory, overhead, report, shadow, startup, swaps, throughput
+from bench import common, memory, overhead, pipeline, report, shadow, startup, swaps, throughput
 from bench.common import Bench, Profile, Section, loadavg
 
 PARTS: dict[str, Callable[[Bench], Section]] = {
@@ -26,6 +26,7 @@ PARTS: dict[str, Callable[[Bench], Section]] = {
     "memory": memory.run,
     "startup": startup.run,
     "shadow": shadow.run,
+    "pipeline": pipeline.run,
 }
 QUICK_OUT = Path("artifacts/benchmarks-quick.md")  # a smoke run must never overwrite the published report
 

@@ -17,7 +17,7 @@ from bench import run
 
 pytestmark = pytest.mark.e2e  # the throughput part runs voxswap under gunicorn with 2 workers
 
-SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow")
+SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_the_report_has_every_section_a_goal_table_and_the_run_context(
 ) -> None:
     _, text, raw = quick_report
     for title in ("## Summary", "## Machine and software", "## Commands", "## 1. Overhead", "## 2. Throughput",
-                  "## 3. Swap under load", "## 4. Memory", "## 5. Start-up", "## 6. Shadow traffic"):
+                  "## 3. Swap under load", "## 4. Memory", "## 5. Start-up", "## 6. Shadow traffic",
+                  "## 7. Pipelines"):
         assert title in text
     assert "| benchmark" in text and "met?" in text
     assert "stand-in" in text and "--model-dir" in text and "Quick run" in text
@@ -103,3 +104,18 @@ def test_the_shadow_numbers_are_sane(quick_report: tuple[Path, str, dict[str, An
     levels = data["levels"]
     assert levels and all(row["n_off"] > 0 and row["n_on"] > 0 for row in levels.values())
     assert all(_positive(row["p99_ratio"]) and _positive(row["rps_ratio"]) for row in levels.values())
+
+
+def test_the_pipeline_numbers_are_sane(quick_report: tuple[Path, str, dict[str, Any]]) -> None:
+    data = quick_report[2]["sections"]["pipeline"]["data"]
+    if not data["vad_available"]:
+        pytest.skip("the real FSMN-VAD export is unavailable here")
+    assert data["failed"] == 0 and data["mislabelled"] == 0 and data["requests"] > 0
+    assert data["clips"]
+    for row in data["clips"].values():
+        assert row["n"] > 0 and row["n_served_vad"] == row["n"]  # the server's VAD stage ran on every request
+        assert all(_positive(row[k]) for k in ("vad_direct_p50", "vad_direct_rtf", "vad_served_p50", "vad_served_rtf"))
+        assert row["vad_segments"] >= 1  # the detector found the speech between the pauses
+        assert set(row["paths"]) == {"sensevoice", "asr-punc", "full"}
+        for cell in row["paths"].values():
+            assert cell["n"] == row["n"] and all(_positive(cell[k]) for k in ("p50", "ratio_p50", "inference_p50"))
