@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.common import QUICK, Bench, Goal, RssSampler, Section, Table, generate, make_registry, mib, ratio
-from bench.report import table
+from bench.standalone import print_section
 from server.testing import synth
 
 PER_REQUEST_BUDGET = 50 * 1000 * 1000  # issue 18: at most 50 MB of extra memory per request
@@ -170,13 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         section = run(bench, seconds=args.seconds, rate=args.rate, naive_four=args.naive_four)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"## {section.title}\n\n{section.intro}\n")
-    for t in section.tables:
-        print(table(t) + "\n")
-    print(table(Table(["goal", "target", "measured", "met?"],
-                      [[g.name, g.goal, g.measured, {True: "yes", False: "**no**", None: "-"}[g.met]]
-                       for g in section.goals])))
-    return 0 if all(g.met is not False for g in section.goals) else 1
+    return print_section(section)
 
 
 if __name__ == "__main__":

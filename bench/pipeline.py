@@ -14,11 +14,7 @@ per request (the ``fsmn`` model's request stats, published in its heartbeat).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,23 +25,19 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
+from bench import standalone
 from bench.common import (
-    FULL,
     HEARTBEAT_S,
-    QUICK,
     Bench,
     Goal,
     Section,
     Table,
-    generate,
-    make_registry,
     median,
     ms,
     pct,
     ratio,
     threads_for,
 )
-from bench.report import table
 from server.engines.vad import FsmnVadEngine
 from server.lifecycle.board import WorkerBoard
 from server.storage.catalog import ModelCatalog
@@ -369,31 +361,7 @@ def describe(section: Section, data: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, few requests: proves the harness works")
-    parser.add_argument("--weights-mb", type=int, help="generated model weights (default 240; quick 2)")
-    parser.add_argument("--compute-ms", type=float, help="generated model CPU ms per audio second (default 40)")
-    args = parser.parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    overrides = {"weights_mb": args.weights_mb, "compute_ms": args.compute_ms}
-    profile = dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v is not None})
-    workdir = Path(tempfile.mkdtemp(prefix="voxswap-pipeline-"))
-    try:
-        print(f"[bench] generating {profile.weights_mb} MB models ...", file=sys.stderr, flush=True)
-        models = generate(workdir / "models", profile.weights_mb, profile.compute_ms, refusals=False)
-        bench = Bench(profile, workdir, workdir, "pipeline", models, make_registry(workdir / "registry", models))
-        section = run(bench)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"## {section.title}\n\n{section.intro}\n")
-    for t in section.tables:
-        print(table(t) + "\n")
-    print(table(Table(["goal", "target", "measured", "met?"],
-                      [[g.name, g.goal, g.measured, {True: "yes", False: "**no**", None: "-"}[g.met]]
-                       for g in section.goals])))
-    for note in section.notes:
-        print(f"- {note}")
-    return 0 if all(g.met is not False for g in section.goals) else 1
+    return standalone.main("pipeline", __doc__ or "", run, argv)
 
 
 if __name__ == "__main__":

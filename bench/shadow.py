@@ -13,35 +13,26 @@ the shadow's worst case) and half load (one client that waits as long as a reque
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench import standalone
 from bench.common import (
-    FULL,
-    QUICK,
     Bench,
     Goal,
     Section,
     Table,
-    generate,
-    make_registry,
     median,
     ms,
     pct,
     ratio,
     threads_for,
 )
-from bench.report import table
 from server.metrics import SHADOW_OUTCOMES
 from server.testing import synth
 from testkit.harness import LoadGenerator, Outcome, wait_until
@@ -256,31 +247,7 @@ def _analyse(section: Section, levels: list[Level], service_s: float) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.shadow", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, short windows: proves the harness works")
-    parser.add_argument("--weights-mb", type=int, help="generated model weights (default 240; quick 2)")
-    parser.add_argument("--compute-ms", type=float, help="generated model CPU ms per audio second (default 40)")
-    args = parser.parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    overrides = {"weights_mb": args.weights_mb, "compute_ms": args.compute_ms}
-    profile = dataclasses.replace(profile, **{k: v for k, v in overrides.items() if v is not None})
-    workdir = Path(tempfile.mkdtemp(prefix="voxswap-shadow-"))
-    try:
-        print(f"[bench] generating {profile.weights_mb} MB models ...", file=sys.stderr, flush=True)
-        models = generate(workdir / "models", profile.weights_mb, profile.compute_ms, refusals=False)
-        bench = Bench(profile, workdir, workdir, "shadow", models, make_registry(workdir / "registry", models))
-        section = run(bench)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(f"## {section.title}\n\n{section.intro}\n\nModels: {models.label}\n")
-    for t in section.tables:
-        print(table(t) + "\n")
-    print(table(Table(["goal", "target", "measured", "met?"],
-                      [[g.name, g.goal, g.measured, {True: "yes", False: "**no**", None: "-"}[g.met]]
-                       for g in section.goals])))
-    for note in section.notes:
-        print(f"- {note}")
-    return 0 if all(g.met is not False for g in section.goals) else 1
+    return standalone.main("shadow", __doc__ or "", run, argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,19 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
+from server.storage.catalog import ModelCatalog
 from server.storage.registry import Registry
 from server.testing import synth
 from server.testing.modelgen import TestModelSpec, make_test_model
 from testkit.harness import serve_in_thread
 
+# generated folders of every kind, and the real FSMN-VAD export: fixtures any test module may ask for
+pytest_plugins = ["tests.kinds"]
+
 TEXT_A = "model a says hello"
 TEXT_B = "model b greets you"
+MEET_1 = "meeting model one speaks"
+MEET_2 = "meeting model two speaks"
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -53,6 +59,17 @@ def registry(tmp_path: Path, model_dir: Callable[..., Path]) -> Registry:
     reg.add(model_dir(TEXT_B), "b")
     reg.promote("a")
     return reg
+
+
+@pytest.fixture
+def catalog(registry: Registry, model_dir: Callable[..., Path]) -> ModelCatalog:
+    """Beside ``registry`` (the default model): a model ``meeting`` with ``m1`` (current) and ``m2``."""
+    cat = ModelCatalog(registry.root)
+    meeting = cat.create("meeting", "sensevoice")
+    meeting.add(model_dir(MEET_1), "m1")
+    meeting.add(model_dir(MEET_2), "m2")
+    meeting.promote("m1")
+    return cat
 
 
 @pytest.fixture

@@ -17,28 +17,15 @@ from server.storage.pipelines import PipelineStore
 from server.storage.registry import Registry
 from server.testing import synth
 from server.testing.modelgen_punc import PuncSpec, make_punc_model
-from tests.conftest import TEXT_A
+from tests.conftest import MEET_1, TEXT_A
 from tests.fsmn_vad import fsmn_vad_dir  # noqa: F401  (a fixture)
 from tests.jobs_helpers import submit, wait_for_jobs
 from tests.kinds import KindFolder, kind_folder  # noqa: F401  (a fixture)
 from tests.test_job_store_contract import PREVIOUS_SQLITE_SCHEMA
 
-MEET_1 = "meeting model one speaks"
-MEET_2 = "meeting model two speaks"
 HOT = "call the team"
 ISLANDS = [("silence", 0.5), ("speech", 2.0), ("silence", 2.5), ("speech", 2.0), ("silence", 2.5), ("speech", 2.0),
            ("silence", 0.5)]
-
-
-@pytest.fixture
-def catalog(registry: Registry, model_dir: Callable[..., Path]) -> ModelCatalog:
-    """The default model (``a`` live, ``b``) and ``meeting`` (``m1`` live, ``m2`` added, not loaded)."""
-    cat = ModelCatalog(registry.root)
-    meeting = cat.create("meeting", "sensevoice")
-    meeting.add(model_dir(MEET_1), "m1")
-    meeting.add(model_dir(MEET_2), "m2")
-    meeting.promote("m1")
-    return cat
 
 
 @pytest.fixture

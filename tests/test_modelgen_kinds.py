@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +23,13 @@ from server.testing import synth
 from server.testing.modelgen_paraformer import ParaformerSpec, make_model, make_paraformer_model, read_props
 from server.testing.modelgen_punc import COMMA, QUESTION, PuncSpec
 from tests.fsmn_vad import fsmn_vad_dir  # noqa: F401  (a fixture)
+from tests.kinds import KindFolder
 
 RATE = synth.SAMPLE_RATE
 ESPEAK = shutil.which("espeak-ng")
 needs_espeak = pytest.mark.skipif(not ESPEAK, reason="needs Debian's espeak-ng (scripts/install-system-deps.sh)")
 HOTWORD_CLASSES = {"seaco-paraformer": SeacoParaformer, "contextual-paraformer": ContextualParaformer}
 
-ModelFactory = Callable[..., Path]
-
-
-@pytest.fixture(scope="session")
-def kind_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
-    """``kind_dir(kind, **options)`` -> a generated folder, built once per distinct request."""
-    cache: dict[tuple[str, tuple[tuple[str, Any], ...]], Path] = {}
-    root = tmp_path_factory.mktemp("kinds")
-
-    def build(kind: str, **options: Any) -> Path:
-        key = (kind, tuple(sorted(options.items())))
-        if key not in cache:
-            cache[key] = make_model(kind, root / f"m{len(cache)}", **options)
-        return cache[key]
-
-    return build
 
 
 def text_of(result: list[dict[str, Any]]) -> str:
@@ -75,29 +59,30 @@ def voiced_span_ms(samples: NDArray[np.float32], threshold: float = 1e-3) -> tup
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_paraformer_transcribes_speech_to_its_text_and_silence_to_nothing(kind_dir: ModelFactory,
+def test_paraformer_transcribes_speech_to_its_text_and_silence_to_nothing(kind_folder: KindFolder,
                                                                           quantize: bool) -> None:
-    folder = kind_dir("paraformer", text="hello from paraformer", quantize=quantize)
+    folder = kind_folder("paraformer", text="hello from paraformer", quantize=quantize)
     model = Paraformer(model_dir=str(folder), quantize=quantize, intra_op_num_threads=1)
     assert text_of(model(synth.speech_like(1.0))) == "hello from paraformer"
     assert text_of(model(synth.speech_like(3.0, seed=4, level=0.05))) == "hello from paraformer"
     assert text_of(model(synth.silence(1.5))) == ""
 
 
-def test_quirk_paraformer_preds_is_a_tuple_without_timestamps_and_a_string_with(kind_dir: ModelFactory) -> None:
-    plain = Paraformer(model_dir=str(kind_dir("paraformer", text="你好世界")), intra_op_num_threads=1)
+def test_quirk_paraformer_preds_is_a_tuple_without_timestamps_and_a_string_with(kind_folder: KindFolder) -> None:
+    plain = Paraformer(model_dir=str(kind_folder("paraformer", text="你好世界")), intra_op_num_threads=1)
     assert plain(synth.speech_like(1.0)) == [{"preds": ("你好世界", ["你", "好", "世", "界"])}]
-    timed = Paraformer(model_dir=str(kind_dir("paraformer", text="你好世界", timestamps=True)), intra_op_num_threads=1)
+    timed = Paraformer(model_dir=str(kind_folder("paraformer", text="你好世界", timestamps=True)),
+                       intra_op_num_threads=1)
     [item] = timed(synth.speech_like(1.0))
     assert item["preds"] == "你 好 世 界"  # funasr-onnx joins tokens with spaces when it has timestamps
     assert item["raw_tokens"] == ["你", "好", "世", "界"] and len(item["timestamp"]) == 4
-    assert read_props(kind_dir("paraformer", text="你好世界", timestamps=True) / "model.onnx")["timestamp_text"] == \
+    assert read_props(kind_folder("paraformer", text="你好世界", timestamps=True) / "model.onnx")["timestamp_text"] == \
         "你 好 世 界"
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_paraformer_timestamps_are_ordered_and_inside_the_audio(kind_dir: ModelFactory, quantize: bool) -> None:
-    folder = kind_dir("paraformer", text="the quick brown fox", timestamps=True, quantize=quantize)
+def test_paraformer_timestamps_are_ordered_and_inside_the_audio(kind_folder: KindFolder, quantize: bool) -> None:
+    folder = kind_folder("paraformer", text="the quick brown fox", timestamps=True, quantize=quantize)
     model = Paraformer(model_dir=str(folder), quantize=quantize, intra_op_num_threads=1)
     clip = synth.islands([("silence", 0.6), ("speech", 2.0), ("silence", 0.9)], seed=3)
     [item] = model(clip)
@@ -107,8 +92,8 @@ def test_paraformer_timestamps_are_ordered_and_inside_the_audio(kind_dir: ModelF
 
 
 @needs_espeak
-def test_paraformer_timestamps_follow_real_speech(kind_dir: ModelFactory) -> None:
-    model = Paraformer(model_dir=str(kind_dir("paraformer", text="the quick brown fox", timestamps=True)),
+def test_paraformer_timestamps_follow_real_speech(kind_folder: KindFolder) -> None:
+    model = Paraformer(model_dir=str(kind_folder("paraformer", text="the quick brown fox", timestamps=True)),
                        intra_op_num_threads=1)
     speech = espeak("The quick brown fox jumps over the lazy dog.")
     clip = np.concatenate([synth.silence(0.8), speech, synth.silence(1.0)])
@@ -128,11 +113,11 @@ def assert_timestamps(stamps: list[list[int]], *, words: int, clip: NDArray[np.f
     assert abs(stamps[0][0] - onset_ms) <= 120  # the first word starts where the speech does
 
 
-def test_quirk_timestamps_of_a_short_clip_in_a_batch_run_into_the_padding(kind_dir: ModelFactory,
+def test_quirk_timestamps_of_a_short_clip_in_a_batch_run_into_the_padding(kind_folder: KindFolder,
                                                                         tmp_path: Path) -> None:
     """funasr-onnx derives the last token's end from the padded batch length, and takes a list
     only of file paths: the engine should run one clip per call when it wants timestamps."""
-    model = Paraformer(model_dir=str(kind_dir("paraformer", text="the quick brown fox", timestamps=True)),
+    model = Paraformer(model_dir=str(kind_folder("paraformer", text="the quick brown fox", timestamps=True)),
                        intra_op_num_threads=1, batch_size=2)
     paths = []
     for i, clip in enumerate([synth.speech_like(1.0), synth.speech_like(3.0, seed=1)]):
@@ -149,8 +134,8 @@ def test_quirk_timestamps_of_a_short_clip_in_a_batch_run_into_the_padding(kind_d
 
 @pytest.mark.parametrize("kind", sorted(HOTWORD_CLASSES))
 @pytest.mark.parametrize("quantize", [False, True])
-def test_hotwords_change_the_transcript_and_none_is_fine(kind_dir: ModelFactory, kind: str, quantize: bool) -> None:
-    model = HOTWORD_CLASSES[kind](model_dir=str(kind_dir(kind, text="call the team", quantize=quantize)),
+def test_hotwords_change_the_transcript_and_none_is_fine(kind_folder: KindFolder, kind: str, quantize: bool) -> None:
+    model = HOTWORD_CLASSES[kind](model_dir=str(kind_folder(kind, text="call the team", quantize=quantize)),
                                   quantize=quantize, intra_op_num_threads=1)
     speech = synth.speech_like(1.5, seed=2)
     assert text_of(model(speech, hotwords="")) == "call the team"
@@ -160,8 +145,8 @@ def test_hotwords_change_the_transcript_and_none_is_fine(kind_dir: ModelFactory,
     assert text_of(model(synth.silence(1.5), hotwords="voxswap")) == ""
 
 
-def test_seaco_with_timestamps_times_the_hotword_too(kind_dir: ModelFactory) -> None:
-    model = SeacoParaformer(model_dir=str(kind_dir("seaco-paraformer", text="语音识别", timestamps=True)),
+def test_seaco_with_timestamps_times_the_hotword_too(kind_folder: KindFolder) -> None:
+    model = SeacoParaformer(model_dir=str(kind_folder("seaco-paraformer", text="语音识别", timestamps=True)),
                             intra_op_num_threads=1)
     clip = synth.islands([("silence", 0.5), ("speech", 2.0), ("silence", 0.5)])
     [item] = model(clip, hotwords="魔搭")
@@ -171,9 +156,9 @@ def test_seaco_with_timestamps_times_the_hotword_too(kind_dir: ModelFactory) -> 
     assert plain["preds"] == "语 音 识 别" and len(plain["timestamp"]) == 4
 
 
-def test_quirk_hotword_calls(kind_dir: ModelFactory, tmp_path: Path) -> None:
+def test_quirk_hotword_calls(kind_folder: KindFolder, tmp_path: Path) -> None:
     """What funasr-onnx's ContextualParaformer (and SeacoParaformer) does with odd hotword input."""
-    model = SeacoParaformer(model_dir=str(kind_dir("seaco-paraformer", text="call the team")),
+    model = SeacoParaformer(model_dir=str(kind_folder("seaco-paraformer", text="call the team")),
                             intra_op_num_threads=1)
     speech = synth.speech_like(1.0)
     with pytest.raises(TypeError):
@@ -201,9 +186,9 @@ def test_quirk_hotword_calls(kind_dir: ModelFactory, tmp_path: Path) -> None:
     ("seaco-paraformer", True, ["logits", "token_num", "us_alphas", "us_cif_peak"]),
     ("contextual-paraformer", False, ["logits", "token_num"]),
 ])
-def test_paraformer_layouts_match_the_official_export(kind_dir: ModelFactory, kind: str, timestamps: bool,
+def test_paraformer_layouts_match_the_official_export(kind_folder: KindFolder, kind: str, timestamps: bool,
                                                       outputs: list[str]) -> None:
-    folder = kind_dir(kind, text="layout check", timestamps=timestamps, quantize=True)
+    folder = kind_folder(kind, text="layout check", timestamps=timestamps, quantize=True)
     hot = kind != "paraformer"
     expected = {"config.yaml", "am.mvn", "tokens.json", "model.onnx", "model_quant.onnx", "smoke"}
     if hot:
@@ -224,8 +209,8 @@ def test_paraformer_layouts_match_the_official_export(kind_dir: ModelFactory, ki
     assert (folder / "smoke" / "clip.txt").read_text().strip() == "layout check"
 
 
-def test_weights_and_compute_knobs(kind_dir: ModelFactory) -> None:
-    folder = kind_dir("paraformer", text="heavy model", weights_mb=4, compute_ms=5)
+def test_weights_and_compute_knobs(kind_folder: KindFolder) -> None:
+    folder = kind_folder("paraformer", text="heavy model", weights_mb=4, compute_ms=5)
     props = read_props(folder / "model.onnx")
     assert props["weights_mb"] == "4" and int(props["compute_repeats"]) > 0
     assert (folder / "model.onnx").stat().st_size > 4 * 2**20
@@ -243,10 +228,11 @@ def test_texts_funasr_onnx_cannot_return_are_refused(tmp_path: Path, text: str, 
         make_paraformer_model(tmp_path, ParaformerSpec(text=text))
 
 
-def test_make_model_dispatches_by_kind(kind_dir: ModelFactory, tmp_path: Path) -> None:
-    assert (kind_dir("sensevoice", text="sense voice") / "chn_jpn_yue_eng_ko_spectok.bpe.model").is_file()
-    assert read_props(kind_dir("contextual-paraformer", text="x ray") / "model.onnx")["kind"] == "contextual-paraformer"
-    assert (kind_dir("ct-punc", mark="!") / "config.yaml").is_file()
+def test_make_model_dispatches_by_kind(kind_folder: KindFolder, tmp_path: Path) -> None:
+    assert (kind_folder("sensevoice", text="sense voice") / "chn_jpn_yue_eng_ko_spectok.bpe.model").is_file()
+    contextual = kind_folder("contextual-paraformer", text="x ray")
+    assert read_props(contextual / "model.onnx")["kind"] == "contextual-paraformer"
+    assert (kind_folder("ct-punc", mark="!") / "config.yaml").is_file()
     with pytest.raises(ValueError, match="unknown model kind"):
         make_model("whisper", tmp_path)
     with pytest.raises(ValueError, match="a ct-punc model takes no text; it takes mark, "):
@@ -259,11 +245,11 @@ def test_make_model_dispatches_by_kind(kind_dir: ModelFactory, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_ct_punc_rule_differs_per_version(kind_dir: ModelFactory, quantize: bool) -> None:
+def test_ct_punc_rule_differs_per_version(kind_folder: KindFolder, quantize: bool) -> None:
     text = "hello world this is a test of the punctuation model"
-    v1 = CT_Transformer(model_dir=str(kind_dir("ct-punc", mark="。", quantize=quantize)), quantize=quantize,
+    v1 = CT_Transformer(model_dir=str(kind_folder("ct-punc", mark="。", quantize=quantize)), quantize=quantize,
                         intra_op_num_threads=1)
-    v2 = CT_Transformer(model_dir=str(kind_dir("ct-punc", mark="?", comma_every=3, quantize=quantize)),
+    v2 = CT_Transformer(model_dir=str(kind_folder("ct-punc", mark="?", comma_every=3, quantize=quantize)),
                         quantize=quantize, intra_op_num_threads=1)
     assert v1(text)[0] == text + "。"
     assert v2(text)[0] == f"hello world this{COMMA} is a test{COMMA} of the punctuation{COMMA} model{QUESTION}"
@@ -271,22 +257,22 @@ def test_ct_punc_rule_differs_per_version(kind_dir: ModelFactory, quantize: bool
     assert v2("你好世界 hello")[0] == f"你好世{COMMA}界hello{QUESTION}"
 
 
-def test_ct_punc_rule_holds_across_funasr_onnx_mini_sentences(kind_dir: ModelFactory) -> None:
-    model = CT_Transformer(model_dir=str(kind_dir("ct-punc", comma_every=4)), intra_op_num_threads=1)
+def test_ct_punc_rule_holds_across_funasr_onnx_mini_sentences(kind_folder: KindFolder) -> None:
+    model = CT_Transformer(model_dir=str(kind_folder("ct-punc", comma_every=4)), intra_op_num_threads=1)
     words = [f"w{i}" for i in range(45)]  # funasr-onnx feeds the model 20 words at a time
     expected = "".join(f"{' ' if i else ''}{w}{COMMA if (i + 1) % 4 == 0 else ''}" for i, w in enumerate(words))
     assert model(" ".join(words))[0] == expected + "。"  # 45 words: the last gets no comma
 
 
-def test_quirk_ct_punc_output_always_ends_in_a_full_stop_or_question_mark(kind_dir: ModelFactory) -> None:
-    bang = CT_Transformer(model_dir=str(kind_dir("ct-punc", mark="!")), intra_op_num_threads=1)
+def test_quirk_ct_punc_output_always_ends_in_a_full_stop_or_question_mark(kind_folder: KindFolder) -> None:
+    bang = CT_Transformer(model_dir=str(kind_folder("ct-punc", mark="!")), intra_op_num_threads=1)
     assert bang("hello world") == ("hello world!。", [1, 3])
     with pytest.raises(IndexError):
         bang("")  # empty text crashes: the engine must not ask
 
 
-def test_ct_punc_layout_and_jieba(kind_dir: ModelFactory) -> None:
-    folder = kind_dir("ct-punc", comma_every=2, jieba_words=("语音识别",))
+def test_ct_punc_layout_and_jieba(kind_folder: KindFolder) -> None:
+    folder = kind_folder("ct-punc", comma_every=2, jieba_words=("语音识别",))
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "tokens.json", "model.onnx", "jieba_usr_dict"}
     proto = onnx.load(str(folder / "model.onnx"))
     assert [i.name for i in proto.graph.input] == ["inputs", "text_lengths"]

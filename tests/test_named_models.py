@@ -21,22 +21,9 @@ from server.storage.registry import Registry
 from server.testing import synth
 from server.tools.cli import main as cli
 from testkit.harness import LoadGenerator, serve_in_thread, wait_until
-from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN
+from tests.conftest import AUTH, MEET_1, MEET_2, TEXT_A, TEXT_B, TOKEN
 
-MEET_1 = "meeting model one speaks"
-MEET_2 = "meeting model two speaks"
 FIXTURE = Path(__file__).parent / "fixtures" / "registry-previous-release"
-
-
-@pytest.fixture
-def catalog(registry: Registry, model_dir: Callable[..., Path]) -> ModelCatalog:
-    """The default model (``a`` current, ``b`` added) and a model ``meeting`` (``m1`` current, ``m2``)."""
-    cat = ModelCatalog(registry.root)
-    meeting = cat.create("meeting", "sensevoice")
-    meeting.add(model_dir(MEET_1), "m1")
-    meeting.add(model_dir(MEET_2), "m2")
-    meeting.promote("m1")
-    return cat
 
 
 @pytest.fixture
