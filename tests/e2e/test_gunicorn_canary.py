@@ -296,7 +296,10 @@ def test_kill_9_of_the_coordinator_mid_canary_interrupts_it_and_the_live_version
                    message="both versions answering under the canary")
 
         os.kill(coordinator, signal.SIGKILL)
-        killed_at = time.monotonic()
+        # the moment its sockets are gone: the kernel tears a killed process down in a few ms, and a
+        # request written to one of its connections meanwhile is reset like one in flight
+        killed_at = wait_until(lambda: _gone(coordinator) and time.monotonic(), timeout_s=10, interval_s=0.001,
+                               message="the killed worker to be torn down")
         interrupted = wait_until(lambda: (s := _state(server))["state"] == "interrupted" and s, timeout_s=30,
                                  interval_s=0.1, message="GET /admin/model/canary to say interrupted")
         noticed_s = time.monotonic() - killed_at
@@ -347,3 +350,12 @@ def test_kill_9_of_the_coordinator_mid_canary_interrupts_it_and_the_live_version
     stopped = httpx.delete(f"{server.url}/admin/model/canary", headers=server.auth, timeout=60)
     assert stopped.status_code == 200 and stopped.json()["state"] == "stopped", stopped.text
     assert Counter(_events(reg))["canary_start"] == 2
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie its parent has not reaped yet, or no process at all): its sockets are closed."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
