@@ -135,3 +135,19 @@ def jobs_app(make_settings: Callable[..., Any], data_dir: Path) -> Callable[...,
 def jobs_client(jobs_app: Callable[..., TestClient]) -> Iterator[TestClient]:
     with jobs_app() as c:
         yield c
+
+
+# groups that run only when selected by name (-m long, -m container), as .ci/run does after the
+# default run: the README's test command stays near 9 minutes and builds no image
+ON_REQUEST = {"long": "a suite of a minute or more", "container": "builds and runs the image"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    selected = config.getoption("markexpr") or ""
+    for marker, what in ON_REQUEST.items():
+        if marker in selected:
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: selected only by -m {marker} (.ci/run runs it)")
+        for item in items:
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)

@@ -15,7 +15,7 @@ import pytest
 
 from bench import run
 
-pytestmark = pytest.mark.e2e  # the throughput part runs voxswap under gunicorn with 2 workers
+pytestmark = [pytest.mark.e2e, pytest.mark.long]  # the throughput part runs voxswap under gunicorn with 2 workers
 
 SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline")
 

@@ -118,6 +118,7 @@ def test_cheap_build_transcribes_and_its_logits_depend_on_input(cheap: tuple[Pat
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 def test_full_graph_is_sensevoice_small(full: tuple[Path, Loader]) -> None:
     folder, _ = full
     ops, depthwise, params = _graph_stats(folder / "model.onnx")
@@ -130,6 +131,7 @@ def test_full_graph_is_sensevoice_small(full: tuple[Path, Loader]) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
 def test_full_model_transcribes_and_its_logits_depend_on_input(full: tuple[Path, Loader], quantize: bool) -> None:
     _check_transcribes(full[1], quantize)

@@ -20,15 +20,6 @@ import pytest
 from tests.container.engine import BUILD_SCRIPT, ROOT, Engine
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "container" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="builds and runs the image: selected only by -m container (.ci/run runs them)")
-    for item in items:
-        if item.get_closest_marker("container"):
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     probe = subprocess.run([str(BUILD_SCRIPT), "--print-engine"], capture_output=True, text=True, cwd=ROOT)

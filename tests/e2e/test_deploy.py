@@ -24,7 +24,7 @@ from testkit.harness import LoadGenerator, wait_until
 from testkit.nginx import nginx_binary, run_nginx
 from testkit.processes import ServerProcess, start_server
 
-pytestmark = [pytest.mark.e2e, pytest.mark.deploy,
+pytestmark = [pytest.mark.e2e, pytest.mark.deploy, pytest.mark.long,
               pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")]
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = {"a": "fleet model a", "b": "fleet model b", "m1": "meeting one", "m2": "meeting two"}

@@ -29,7 +29,7 @@ from server.testing import synth
 from testkit.harness import LoadGenerator, Outcome, post_clip, wait_until
 from testkit.processes import ServerProcess, start_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 TEXT = {"a": "canary live alpha", "b": "canary candidate bravo"}
 CLIP = synth.wav_bytes(synth.speech_like(1.0))
 # Both stand-ins cost the same, but two workers, the load and the test share the machine's cores:
