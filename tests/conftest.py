@@ -138,7 +138,7 @@ def jobs_client(jobs_app: Callable[..., TestClient]) -> Iterator[TestClient]:
 
 
 # groups that run only when selected by name (-m long, -m container), as .ci/run does after the
-# default run: the README's test command stays near 9 minutes and builds no image
+# default run: the README's test command stays near 10 minutes and builds no image
 ON_REQUEST = {"long": "a suite of a minute or more", "container": "builds and runs the image"}
 
 
