@@ -12,7 +12,9 @@ makes funasr-onnx pull in librosa's loader and touch the disk on the request pat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -163,3 +165,24 @@ def offsets_for(waveforms: Sequence[Waveform], offsets: Sequence[float] | None) 
 def device_id(device: str) -> str:
     """funasr-onnx's device id for ``cpu``, ``cuda`` or ``cuda:N``."""
     return "-1" if device == "cpu" else (device.split(":", 1)[1] if ":" in device else "0")
+
+
+def load_funasr(class_name: str, model_dir: Path, *, model_file: str, threads: int, device: str,
+                quiet: tuple[type[Warning], ...] = (RuntimeWarning,)) -> Any:
+    """One funasr-onnx model class (``class_name`` of ``funasr_onnx``) built on a version folder, the
+    same way for every family: its cached am.mvn statistics dropped first (funasr-onnx caches them by
+    path; a version removed and re-added under one name must not reuse the old ones), the warnings
+    in ``quiet`` ignored (a CUDA fallback shows in the providers instead), and any failure an
+    :class:`EngineLoadError` (funasr-onnx and onnxruntime raise many unrelated types)."""
+    import funasr_onnx
+    from funasr_onnx.utils.frontend import load_cmvn
+
+    load_cmvn.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            for category in quiet:
+                warnings.simplefilter("ignore", category)
+            return getattr(funasr_onnx, class_name)(model_dir=str(model_dir), quantize=model_file == "model_quant.onnx",
+                                                    intra_op_num_threads=threads, device_id=device_id(device))
+    except Exception as exc:
+        raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc

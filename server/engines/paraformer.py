@@ -21,7 +21,6 @@ What funasr-onnx 0.4.3 makes this engine live with (tests/test_modelgen_kinds.py
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,10 +33,9 @@ from server.engines.base import (
     SAMPLE_RATE,
     AsrEngine,
     EngineInferenceError,
-    EngineLoadError,
     TimestampsUnsupportedError,
     Waveform,
-    device_id,
+    load_funasr,
     normalise_hotwords,
     offsets_for,
 )
@@ -52,18 +50,11 @@ class ParaformerEngine(AsrEngine):
     """A plain Paraformer (no hotwords). Subclasses pick the funasr-onnx class and take hotwords."""
 
     kind: ClassVar[ModelKind] = ModelKind.PARAFORMER
+    funasr_class: ClassVar[str] = "Paraformer"  # the funasr-onnx class of the family
 
     def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        from funasr_onnx.utils.frontend import load_cmvn
-
-        load_cmvn.cache_clear()  # funasr-onnx caches am.mvn by path; see the SenseVoice engine
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a CUDA fallback shows in providers
-                self._model = self._load(model_dir, quantize=model_file == "model_quant.onnx", threads=threads,
-                                         device=device_id(device))
-        except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
-            raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+        self._model = load_funasr(self.funasr_class, model_dir, model_file=model_file, threads=threads,
+                                  device=device)
         session = self._session()
         self._describe_session(session, model_file, device)
         self._timestamps = len(session.get_outputs()) == TIMESTAMP_OUTPUTS
@@ -72,12 +63,6 @@ class ParaformerEngine(AsrEngine):
     def gives_timestamps(self) -> bool:
         """Whether the graph has the BiCif timestamp outputs (``us_alphas``, ``us_cif_peak``)."""
         return self._timestamps
-
-    def _load(self, model_dir: Path, *, quantize: bool, threads: int, device: str) -> Any:
-        from funasr_onnx import Paraformer
-
-        return Paraformer(model_dir=str(model_dir), quantize=quantize, intra_op_num_threads=threads,
-                          device_id=device)
 
     def _session(self) -> Any:
         return self._model.ort_infer.session
@@ -158,12 +143,7 @@ class ParaformerEngine(AsrEngine):
 
 class SeacoParaformerEngine(ParaformerEngine):
     kind: ClassVar[ModelKind] = ModelKind.SEACO_PARAFORMER
-
-    def _load(self, model_dir: Path, *, quantize: bool, threads: int, device: str) -> Any:
-        from funasr_onnx import SeacoParaformer
-
-        return SeacoParaformer(model_dir=str(model_dir), quantize=quantize, intra_op_num_threads=threads,
-                               device_id=device)
+    funasr_class: ClassVar[str] = "SeacoParaformer"
 
     def _session(self) -> Any:
         return self._model.ort_infer_bb.session
@@ -185,12 +165,7 @@ class SeacoParaformerEngine(ParaformerEngine):
 
 class ContextualParaformerEngine(SeacoParaformerEngine):
     kind: ClassVar[ModelKind] = ModelKind.CONTEXTUAL_PARAFORMER
-
-    def _load(self, model_dir: Path, *, quantize: bool, threads: int, device: str) -> Any:
-        from funasr_onnx import ContextualParaformer
-
-        return ContextualParaformer(model_dir=str(model_dir), quantize=quantize, intra_op_num_threads=threads,
-                                    device_id=device)
+    funasr_class: ClassVar[str] = "ContextualParaformer"
 
 
 def _text(item: dict[str, Any]) -> str:

@@ -7,11 +7,10 @@ file open (a ResourceWarning when it is collected): silenced around the load onl
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import ClassVar
 
-from server.engines.base import EngineLoadError, PuncEngine, device_id
+from server.engines.base import PuncEngine, load_funasr
 from server.vocab import ModelKind
 
 
@@ -19,16 +18,9 @@ class CtPuncEngine(PuncEngine):
     kind: ClassVar[ModelKind] = ModelKind.CT_PUNC
 
     def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        from funasr_onnx import CT_Transformer
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a CUDA fallback shows in providers
-                warnings.simplefilter("ignore", ResourceWarning)  # jieba.load_userdict leaves its file open
-                self._model = CT_Transformer(model_dir=str(model_dir), quantize=model_file == "model_quant.onnx",
-                                             intra_op_num_threads=threads, device_id=device_id(device))
-        except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
-            raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+        # ResourceWarning: jieba.load_userdict leaves its file open
+        self._model = load_funasr("CT_Transformer", model_dir, model_file=model_file, threads=threads,
+                                  device=device, quiet=(RuntimeWarning, ResourceWarning))
         self._describe_session(self._model.ort_infer.session, model_file, device)
 
     def punctuate(self, text: str) -> str:

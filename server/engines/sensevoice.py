@@ -8,7 +8,6 @@ in one session run (padding to the longest), which funasr-onnx's own ``__call__`
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from server.engines.base import SAMPLE_RATE, AsrEngine, EngineLoadError, Waveform, device_id, offsets_for
+from server.engines.base import SAMPLE_RATE, AsrEngine, EngineLoadError, Waveform, load_funasr, offsets_for
 from server.speech import words
 from server.speech.words import Word
 from server.vocab import ModelKind
@@ -31,23 +30,8 @@ class Engine(AsrEngine):
     tagged: ClassVar[bool] = True
 
     def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        from funasr_onnx import SenseVoiceSmall
-        from funasr_onnx.utils.frontend import load_cmvn
-
-        # funasr-onnx caches am.mvn by path string; versions live at unique immutable paths, but a
-        # version removed and re-added under the same name must not reuse the old statistics.
-        load_cmvn.cache_clear()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # CUDA fallback is reported below
-                self._model = SenseVoiceSmall(
-                    model_dir=str(model_dir),
-                    quantize=model_file == "model_quant.onnx",
-                    intra_op_num_threads=threads,
-                    device_id=device_id(device),
-                )
-        except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
-            raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+        self._model = load_funasr("SenseVoiceSmall", model_dir, model_file=model_file, threads=threads,
+                                  device=device)
         self._describe_session(self._model.ort_infer.session, model_file, device)
 
     @property

@@ -10,13 +10,12 @@ error. Less than one 25 ms frame holds no speech and is not asked.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from server.engines.base import MIN_SAMPLES, EngineInferenceError, EngineLoadError, VadEngine, Waveform, device_id
+from server.engines.base import MIN_SAMPLES, EngineInferenceError, VadEngine, Waveform, load_funasr
 from server.vocab import ModelKind
 
 
@@ -24,17 +23,7 @@ class FsmnVadEngine(VadEngine):
     kind: ClassVar[ModelKind] = ModelKind.FSMN_VAD
 
     def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        from funasr_onnx import Fsmn_vad
-        from funasr_onnx.utils.frontend import load_cmvn
-
-        load_cmvn.cache_clear()  # funasr-onnx caches am.mvn by path; see the SenseVoice engine
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a CUDA fallback shows in providers
-                self._model = Fsmn_vad(model_dir=str(model_dir), quantize=model_file == "model_quant.onnx",
-                                       intra_op_num_threads=threads, device_id=device_id(device))
-        except Exception as exc:  # funasr-onnx and onnxruntime raise many unrelated types
-            raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+        self._model = load_funasr("Fsmn_vad", model_dir, model_file=model_file, threads=threads, device=device)
         self._describe_session(self._model.ort_infer.session, model_file, device)
 
     def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
