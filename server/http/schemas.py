@@ -128,24 +128,6 @@ class OpenAIVerboseTranscription(Closed):
     words: list[WordStamp] | None = Field(None, description="With timestamp_granularities[]=word")
 
 
-class ModelCard(Closed):
-    id: str = Field(description="What to send as `model`: a model name (its live version), NAME@VERSION (that "
-                               "loaded version), or a bare version of the default model")
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    loaded: bool = Field(description="Loaded in the process that answered, so it can be pinned")
-    live: bool = Field(description="The id answers with its model's live version")
-    model: str = Field(description="The named model the id belongs to")
-    version: str | None = Field(description="The version the id names, or the model's live one for a model name")
-    kind: str = Field(description="The model's kind, e.g. sensevoice")
-
-
-class ModelList(Closed):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
 # -- health and status ----------------------------------------------------------------------------
 
 

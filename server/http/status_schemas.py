@@ -1,6 +1,6 @@
-"""The shapes of what a process serves: every named model's state, and the system status that
-holds them. Built on the smaller shapes of :mod:`server.http.schemas` (workers, rollouts,
-watches, smoke reports)."""
+"""The shapes of what a process serves: the models a client may name (``/v1/models``), every named
+model's state, and the system status that holds them. Built on the smaller shapes of
+:mod:`server.http.schemas` (workers, rollouts, watches, smoke reports)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from typing import Any, Literal
 from pydantic import Field
 
 from server.http.schemas import Closed, JobQueueStatus, Rollout, SmokeReport, Watch, Worker
+
+
+class ModelCard(Closed):
+    id: str = Field(description="What to send as `model`: a model name (its live version), NAME@VERSION (that "
+                               "loaded version), or a bare version of the default model")
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    loaded: bool = Field(description="Loaded in the process that answered, so it can be pinned")
+    live: bool = Field(description="The id answers with its model's live version")
+    model: str = Field(description="The named model the id belongs to")
+    version: str | None = Field(description="The version the id names, or the model's live one for a model name")
+    kind: str = Field(description="The model's kind, e.g. sensevoice")
+
+
+class ModelList(Closed):
+    object: Literal["list"]
+    data: list[ModelCard]
 
 
 class ModelStatus(Closed):

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from server.errors import InvalidRequest, NotFound
 from server.http import schemas
 from server.http.deps import CtxDep, bearer_token, canary_key, is_admin_token
-from server.http.status_schemas import SystemStatus
+from server.http.status_schemas import ModelList, SystemStatus
 from server.service import routing
 from server.service.context import AppContext
 from server.service.status import model_status, readiness
@@ -119,7 +119,7 @@ async def openai_transcriptions(
     return JSONResponse({"text": result.text}, headers=headers)
 
 
-@router.get("/v1/models", tags=["openai"], response_model=schemas.ModelList, responses=schemas.errors())
+@router.get("/v1/models", tags=["openai"], response_model=ModelList, responses=schemas.errors())
 async def list_models(ctx: CtxDep) -> dict[str, Any]:
     """Every model name, every loaded ``NAME@VERSION``, and the default model's bare version ids."""
     return {"object": "list", "data": await asyncio.to_thread(_model_cards, ctx)}
