@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from server.errors import VoxswapError
-from server.http import admin, jobs, page, pipelines, transcribe, ui
+from server.http import admin, jobs, page, pipelines, realtime, transcribe, ui
 from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
 from server.lifecycle.models import ModelSet
@@ -25,6 +25,8 @@ from server.service.context import AppContext
 from server.service.inference import InferencePool
 from server.service.jobs import JobRunner
 from server.service.pipeline import PipelineGate
+from server.service.stream_session import StreamServices
+from server.service.streams import StreamHub
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage import seed
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ctx = AppContext(settings, catalog, metrics, models, pool, service)
     ctx.pipelines = PipelineStore(catalog)
     models.pipeline_gate = PipelineGate(models, ctx.pipelines, settings).check
+    ctx.streams = StreamHub(StreamServices(settings, models, ctx.pipelines, service, pool, metrics))
     jobs_url = settings.jobs_url.get_secret_value() if settings.jobs_url else None
     store = open_job_store(jobs_url, settings.data_dir, blob_limit=settings.jobs_blob_limit_bytes)
     ctx.jobs = JobRunner(store, service, pool, models.default, settings, ctx.pipelines)
@@ -60,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for router in (transcribe.router, jobs.router, admin.router, pipelines.router, ui.router, page.router):
+    for router in (transcribe.router, realtime.router, jobs.router, admin.router, pipelines.router, ui.router,
+                   page.router):
         app.include_router(router)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # type: ignore[arg-type]
     return app
@@ -121,6 +125,17 @@ def _package_version() -> str:
 
 
 def begin_shutdown(app: FastAPI) -> bool:
-    """SIGTERM arrived: see :func:`server.service.background.begin_shutdown`."""
+    """SIGTERM arrived: see :func:`server.service.background.begin_shutdown`. Realtime sessions start
+    draining now (no new turn; each closes with 1012 once its open turn is transcribed)."""
     ctx: AppContext = app.state.ctx
-    return background.begin_shutdown(ctx)
+    recycled = background.begin_shutdown(ctx)
+    ctx.streams.begin_drain()
+    return recycled
+
+
+async def drain_streams(app: FastAPI) -> None:
+    """Before the server closes its connections (uvicorn would close WebSockets mid-turn): wait
+    for the realtime sessions to end their turns and close themselves."""
+    ctx: AppContext = app.state.ctx
+    ctx.streams.begin_drain()
+    await ctx.streams.drained(ctx.settings.drain_timeout_s + ctx.settings.inference_timeout_s)

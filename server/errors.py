@@ -35,6 +35,12 @@ class AudioTooShort(InvalidRequest):
     code = "audio_too_short"
 
 
+class CommitEmpty(InvalidRequest):
+    """A realtime commit with no turn to commit (OpenAI's code for it)."""
+
+    code = "input_audio_buffer_commit_empty"
+
+
 class PayloadTooLarge(VoxswapError):
     status_code = 413
     code = "payload_too_large"

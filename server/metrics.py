@@ -32,6 +32,8 @@ SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
 JOB_OUTCOMES = tuple(status.value for status in FINISHED_JOB_STATUSES)
 WEBHOOK_OUTCOMES = ("delivered", "failed")
 SHADOW_OUTCOMES = ("mirrored", "dropped", "failed")
+TURN_OUTCOMES = ("completed", "failed")
+STREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
 def multiprocess_dir() -> str | None:
@@ -115,6 +117,21 @@ class Metrics:
             ["model", "outcome"], registry=r)
         self.webhooks = Counter(
             "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
+        self.stream_sessions = Gauge(
+            "voxswap_realtime_sessions", "Realtime transcription sessions (WebSockets) open now.",
+            registry=r, multiprocess_mode="livesum")
+        self.stream_turns = Counter(
+            "voxswap_realtime_turns", "Realtime turns that ended, by model and outcome (completed or failed).",
+            ["model", "outcome"], registry=r)
+        self.stream_first_delta = Histogram(
+            "voxswap_realtime_first_delta_seconds", "From a turn's speech start to its first delta event.",
+            ["model"], buckets=STREAM_BUCKETS, registry=r)
+        self.stream_finalize = Histogram(
+            "voxswap_realtime_finalize_seconds", "From a turn's end (speech stopped or commit) to its completed event.",
+            ["model"], buckets=STREAM_BUCKETS, registry=r)
+        self.stream_audio = Counter(
+            "voxswap_realtime_audio_seconds", "Seconds of audio streamed into realtime sessions.", ["model"],
+            registry=r)
         # a labelled series exists only from its first increment, and increase() cannot see that
         # first event: create the known ones at zero so a server's first refused swap is visible
         known: list[tuple[Counter | Histogram, tuple[str, ...]]] = [
@@ -159,6 +176,8 @@ class ModelMetrics:
             metrics.swap_phase.labels(model, phase)
         for outcome in SHADOW_OUTCOMES:
             metrics.shadow.labels(model, outcome)
+        for outcome in TURN_OUTCOMES:
+            metrics.stream_turns.labels(model, outcome)
         metrics.model_loaded.labels(model).set(0)
 
     def swap(self, outcome: str) -> None:

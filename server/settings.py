@@ -164,6 +164,22 @@ class Settings(BaseSettings):
     """On SIGTERM, readiness turns 503 at once and the process keeps serving this long before it stops
     accepting, so a load balancer notices first."""
 
+    realtime_max_sessions: int = Field(16, ge=0, le=10_000)
+    """Realtime WebSocket sessions one process holds; the handshake beyond them is an HTTP 503."""
+
+    realtime_max_turn_s: float = Field(30.0, ge=2.0, le=300.0)
+    """A turn (one utterance) longer than this is committed by the server, as if the speaker paused."""
+
+    realtime_idle_timeout_s: float = Field(60.0, gt=0)
+    """A realtime session that sends nothing this long is closed (1000, with the reason)."""
+
+    realtime_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest client message on a realtime WebSocket (one append of 15 s of 24 kHz PCM is 960 KB)."""
+
+    realtime_segment_s: float = Field(2.0, ge=0.5, le=30.0)
+    """While speech goes on, the open part of a turn is decoded and sent as a delta once it is this
+    long, cut at its quietest point; a delta is final for the words it holds, never revised."""
+
     worker_timeout_s: int = Field(120, ge=10)
     """gunicorn's worker timeout; must cover loading the model at worker start."""
 

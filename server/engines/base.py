@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -138,6 +138,17 @@ class VadEngine(BaseEngine):
 
     def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
         raise NotImplementedError
+
+    def open_stream(self, *, silence_ms: int) -> VadStreamState:
+        """A live stream's own detector state on this engine, ending speech after ``silence_ms``."""
+        raise NotImplementedError
+
+
+class VadStreamState(Protocol):
+    def feed(self, samples: Waveform, *, final: bool = False) -> list[tuple[int, int]]:
+        """``[start_ms, end_ms]`` pairs in stream time that these samples reveal; -1 for a side not known
+        yet (``[start, -1]``) or told before (``[-1, end]``)."""
+        ...
 
 
 def normalise_hotwords(hotwords: str) -> str:

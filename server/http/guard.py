@@ -40,7 +40,7 @@ UPLOAD_ROUTES = frozenset({("POST", "/api/transcribe"), ("POST", "/v1/audio/tran
 NAMED_UPLOAD = re.compile(r"/admin/models/[^/]+/versions")  # a version upload to a named model
 NAMED_UPLOAD_TEMPLATE = "/admin/models/{model}/versions"
 # what a client API key opens when keys are configured; health, metrics, the page and /docs stay open
-KEYED_PREFIXES = ("/api/transcribe", "/v1/audio/", "/v1/models", "/api/jobs")
+KEYED_PREFIXES = ("/api/transcribe", "/v1/audio/", "/v1/models", "/v1/realtime", "/api/jobs")
 ADMIN = Client(key_id="admin", label="admin", admin=True)  # "admin" can never be a key's 16-hex id
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

@@ -1,4 +1,5 @@
-"""The ASGI layer every HTTP request passes: request id, the guard, request metrics.
+"""The ASGI layer every HTTP request and WebSocket handshake passes: request id, the guard, request
+metrics (WebSockets have their own, see ``server.http.realtime``).
 
 The guard (``http/guard.py``) answers 401/403/429/413 from the headers before the app sees the
 request, and its :class:`~server.http.guard.BodyReader` answers 413/408 for a body that turns out
@@ -7,6 +8,7 @@ too big or too slow while the app reads it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -43,12 +45,14 @@ class RequestContextMiddleware:
         self.guard = Guard(ctx.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = _request_id(headers)
         token = request_id_var.set(request_id)
         path: str = scope.get("path", "")
         counted = path not in UNCOUNTED_PATHS
@@ -100,6 +104,25 @@ class RequestContextMiddleware:
                     time.perf_counter() - started)
             request_id_var.reset(token)
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket's logs carry a request id for its whole life; the guard (API keys, rate) runs
+        on its handshake, and a refusal is an HTTP answer in the error envelope where the server
+        can send one (uvicorn can), else a close before accept."""
+        headers = dict(scope.get("headers") or [])
+        request_id = _request_id(headers)
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        try:
+            try:
+                self.guard.admit(scope, headers)
+            except VoxswapError as exc:
+                self.ctx.metrics.rejections.labels(REJECTION_REASONS.get(exc.status_code, "refused")).inc()
+                await deny_websocket(send, scope, exc, request_id)
+                return
+            await self.app(scope, receive, send)
+        finally:
+            request_id_var.reset(token)
+
     @staticmethod
     def _route_label(scope: Scope) -> str:
         """The route's template (never the raw path: one series per job id would be unbounded). An
@@ -127,3 +150,24 @@ class RequestContextMiddleware:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
+
+
+def _request_id(headers: dict[bytes, bytes]) -> str:
+    incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+    return incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+
+
+async def deny_websocket(send: Send, scope: Scope, exc: VoxswapError, request_id: str) -> None:
+    """Refuse a handshake with an HTTP answer (ASGI's WebSocket denial response) in the error envelope,
+    or, where the server cannot send one, a close before accept (which clients see as a bare 403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+        return
+    body = json.dumps(envelope(exc.message, type_=exc.type, code=exc.code, param=exc.param,
+                               request_id=request_id)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", request_id.encode())]
+    if exc.retry_after:
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -45,6 +45,8 @@ class LoadedModel:
     smoke: SmokeReport
     leases: int = 0
     retired: bool = False
+    drain_expired: bool = False  # retired, and the drain timeout passed with leases still held
+
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -202,6 +204,7 @@ class ModelHolder:
             while old.leases > 0 and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
             in_flight = old.leases
+            old.drain_expired = in_flight > 0  # long holders (a pinned realtime session) see it and let go
         drain_s = time.perf_counter() - started
         started = time.perf_counter()
         rss_before = resident_bytes()

@@ -16,6 +16,7 @@ from server.lifecycle.policy import ModelLifecycle
 from server.metrics import Metrics
 from server.service.inference import InferencePool
 from server.service.jobs import JobRunner
+from server.service.streams import StreamHub
 from server.service.transcription import TranscriptionService
 from server.settings import Settings
 from server.storage.catalog import ModelCatalog
@@ -41,6 +42,7 @@ class AppContext:
     _recycle_lock: IO[str] | None = None
     jobs: JobRunner | None = None  # batch jobs (server/jobs.py)
     pipelines: PipelineStore | None = None  # named pipelines of the registry folder
+    streams: StreamHub = field(init=False)  # realtime sessions (set by the app factory)
 
     @property
     def lifecycle(self) -> ModelLifecycle:

@@ -931,6 +931,327 @@
     refreshNow();
   }
 
+  // -- live microphone ---------------------------------------------------------------------------
+
+  // /v1/realtime speaks OpenAI's Realtime transcription protocol over a WebSocket: the page sends
+  // the microphone as PCM16 at 24 kHz in input_audio_buffer.append events; the server ends a turn
+  // at each pause (server VAD) and answers it with deltas (text to append to the turn's text so far)
+  // and then its completed transcript, labelled with the version that made it.
+  const LIVE_RATE = 24000;
+  const LIVE_SEND_MS = 100; // one append per 100 ms of audio: partial text keeps up, messages stay few
+  const LIVE_TURNS_KEPT = 50;
+  const LIVE_FINISH_MS = 5000; // after Stop, the turn being spoken may take this long to finish
+  const TURN_EVENT = "conversation.item.input_audio_transcription.";
+  let live = null; // the running session (see startLive)
+
+  function liveState(state, text) {
+    $("live-state").dataset.state = state;
+    $("live-state").textContent = text;
+  }
+
+  function liveProblem(title, detail) { showResult($("live-result"), "error", title, detail); }
+
+  function liveRunning(running) {
+    $("btn-live").disabled = running;
+    $("btn-live").classList.toggle("recording", running);
+    $("btn-live-stop").disabled = !running;
+  }
+
+  function realtimeUrl() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:"; // same origin: connect-src 'self'
+    return `${scheme}//${location.host}/v1/realtime?intent=transcription`;
+  }
+
+  // The model and language of the form above; no model listed yet: the server's default model.
+  function sessionUpdate() {
+    const transcription = { model: $("transcribe-model").value || "default" };
+    const language = $("language").value;
+    if (language && language !== "auto") transcription.language = language; // none: the model detects it
+    return {
+      type: "session.update",
+      session: {
+        type: "transcription",
+        audio: {
+          input: {
+            format: { type: "audio/pcm", rate: LIVE_RATE },
+            transcription,
+            turn_detection: { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500 },
+          },
+        },
+      },
+    };
+  }
+
+  // Float samples at `from` Hz in, at `to` Hz out, across calls. Going down, each output sample is the
+  // mean of the input samples it covers (a box filter: enough against aliasing for speech at 24 kHz);
+  // going up (a rare 16 kHz context), linear interpolation.
+  function resampler(from, to) {
+    const step = from / to;
+    let carry = new Float32Array(0); // input not consumed yet
+    let pos = 0; // where the next output sample starts, in carry's samples
+    return (input) => {
+      const data = new Float32Array(carry.length + input.length);
+      data.set(carry);
+      data.set(input, carry.length);
+      const out = new Float32Array(Math.max(0, Math.ceil((data.length - pos) / step)));
+      let n = 0;
+      if (step >= 1) {
+        while (pos + step <= data.length) {
+          const start = Math.floor(pos);
+          const end = Math.floor(pos + step);
+          let sum = 0;
+          for (let i = start; i < end; i += 1) sum += data[i];
+          out[n] = sum / (end - start);
+          n += 1;
+          pos += step;
+        }
+      } else {
+        while (pos + 1 < data.length) {
+          const i = Math.floor(pos);
+          out[n] = data[i] + (data[i + 1] - data[i]) * (pos - i);
+          n += 1;
+          pos += step;
+        }
+      }
+      const used = Math.floor(pos);
+      carry = data.slice(used);
+      pos -= used;
+      return out.subarray(0, n);
+    };
+  }
+
+  // Little-endian 16-bit PCM, base64: what input_audio_buffer.append carries.
+  function pcm16Base64(samples) {
+    const bytes = new Uint8Array(samples.length * 2);
+    const view = new DataView(bytes.buffer);
+    for (let i = 0; i < samples.length; i += 1) {
+      const s = Math.max(-1, Math.min(1, samples[i]));
+      view.setInt16(i * 2, s < 0 ? s * 0x8000 : s * 0x7fff, true);
+    }
+    let binary = "";
+    for (let i = 0; i < bytes.length; i += 0x2000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x2000));
+    return btoa(binary);
+  }
+
+  // The microphone, as base64 PCM16 at LIVE_RATE handed to `send` every LIVE_SEND_MS. An AudioWorklet
+  // (/static/mic-worklet.js) copies the samples off the audio thread; a ScriptProcessor where there is
+  // no AudioWorklet. Returns a function that stops it all, the microphone included.
+  async function startCapture(stream, send) {
+    const context = new AudioContext();
+    const source = context.createMediaStreamSource(stream);
+    const resample = resampler(context.sampleRate, LIVE_RATE);
+    const chunk = new Float32Array(LIVE_RATE * LIVE_SEND_MS / 1000);
+    let filled = 0;
+    const take = (frames) => {
+      const samples = resample(frames);
+      let offset = 0;
+      while (offset < samples.length) {
+        const n = Math.min(samples.length - offset, chunk.length - filled);
+        chunk.set(samples.subarray(offset, offset + n), filled);
+        filled += n;
+        offset += n;
+        if (filled === chunk.length) { send(pcm16Base64(chunk)); filled = 0; }
+      }
+    };
+    let node;
+    const stop = () => {
+      source.disconnect();
+      if (node) node.disconnect();
+      stream.getTracks().forEach((track) => track.stop());
+      context.close().catch(() => {});
+    };
+    try {
+      if (context.audioWorklet && window.AudioWorkletNode) {
+        await context.audioWorklet.addModule("/static/mic-worklet.js");
+        node = new AudioWorkletNode(context, "voxswap-mic-capture",
+          { channelCount: 1, channelCountMode: "explicit", channelInterpretation: "speakers" });
+        node.port.onmessage = (e) => take(e.data);
+      } else {
+        node = context.createScriptProcessor(4096, 1, 1);
+        node.onaudioprocess = (e) => {
+          take(e.inputBuffer.getChannelData(0));
+          e.outputBuffer.getChannelData(0).fill(0);
+        };
+      }
+      source.connect(node);
+      node.connect(context.destination); // silent: connected only so that every browser runs it
+      if (context.state === "suspended") await context.resume();
+    } catch (err) {
+      stop();
+      throw err;
+    }
+    return stop;
+  }
+
+  // One turn of the transcript: partial (the deltas so far, grey), final (with its version), failed,
+  // or cut (the session ended before its final text).
+  function liveTurn(session, id) {
+    let turn = session.turns.get(id);
+    if (turn) return turn;
+    const text = h("p", { class: "turn-text" });
+    const el = h("li", { class: "turn", "data-state": "partial", "aria-busy": "true" }, text);
+    turn = { id, el, text, said: "", state: "partial", ended: false };
+    session.turns.set(id, turn);
+    const list = $("live-turns");
+    list.append(el);
+    while (list.children.length > LIVE_TURNS_KEPT) list.firstElementChild.remove();
+    for (const [key, old] of session.turns) if (!old.el.isConnected) session.turns.delete(key);
+    list.scrollTop = list.scrollHeight;
+    return turn;
+  }
+
+  function settleTurn(turn, state, words, facts) {
+    turn.state = state;
+    turn.ended = true;
+    turn.el.dataset.state = state;
+    turn.el.removeAttribute("aria-busy");
+    turn.text.textContent = words;
+    const fact = (term, value, cls) => h("div", {}, h("dt", { text: term }), " ", h("dd", { class: cls || null, text: value }));
+    turn.el.append(h("dl", { class: "meta" }, ...facts.map(([term, value, cls]) => fact(term, value, cls)),
+      fact("At", when(Date.now() / 1000))));
+  }
+
+  function onLiveEvent(session, raw) {
+    let ev;
+    try { ev = JSON.parse(raw); } catch { return; }
+    if (!ev || typeof ev.type !== "string") return;
+    const turn = () => liveTurn(session, String(ev.item_id));
+    switch (ev.type) {
+      case "session.updated":
+        if (!session.stopping) liveState("live", "listening");
+        break;
+      case "input_audio_buffer.speech_started":
+        turn();
+        if (!session.stopping) liveState("live", "hearing speech");
+        break;
+      case "input_audio_buffer.speech_stopped":
+      case "input_audio_buffer.committed":
+        if (ev.item_id !== undefined) turn().ended = true;
+        if (!session.stopping) liveState("live", "listening");
+        break;
+      case `${TURN_EVENT}delta`: {
+        const t = turn();
+        if (t.state !== "partial") break;
+        t.said += typeof ev.delta === "string" ? ev.delta : "";
+        t.text.textContent = t.said;
+        break;
+      }
+      case `${TURN_EVENT}completed`: {
+        const t = turn();
+        if (t.state !== "partial") break;
+        const version = pinned(ev.model, ev.model_version);
+        settleTurn(t, "final", ev.transcript || "(no speech)", version ? [["Version", version, "mono version"]] : []);
+        break;
+      }
+      case `${TURN_EVENT}failed`: {
+        const t = turn();
+        if (t.state !== "partial") break;
+        const why = (ev.error && ev.error.message) || "the server could not transcribe this turn";
+        settleTurn(t, "failed", t.said || "(no text)", [["Failed", why]]);
+        break;
+      }
+      case "error": {
+        const e = ev.error || {};
+        liveProblem("The server reported an error", [e.message, e.code && `(${e.code})`].filter(Boolean).join(" "));
+        break;
+      }
+      default:
+        break; // session.created, cleared and anything newer: nothing to show
+    }
+    if (session.stopping && ![...session.turns.values()].some((t) => t.state === "partial" && t.ended)) {
+      endLive(session); // Stop waited for the last turn's final text: it came
+    }
+  }
+
+  // Why the server closed a session the operator did not stop, in the words of the close code.
+  function closeReason(e) {
+    if (e.code === 1012) return ["The server is restarting", "It closed the session to drain (code 1012); start again."];
+    if (e.code === 1006) return ["The connection was lost",
+      "The server refused or dropped the WebSocket (it may be full, draining or unreachable)."];
+    if (e.code === 1009) return ["The server refused a message as too large", e.reason || "code 1009"];
+    return ["The server ended the session", e.reason ? `${e.reason} (code ${e.code})` : `code ${e.code}`];
+  }
+
+  function endLive(session, closed) {
+    clearTimeout(session.timer);
+    session.stopping = true;
+    if (session.stopCapture) session.stopCapture();
+    else session.stream.getTracks().forEach((track) => track.stop());
+    session.stopCapture = null;
+    if (session.ws.readyState <= WebSocket.OPEN) session.ws.close(1000, "stopped");
+    for (const t of session.turns.values()) {
+      if (t.state === "partial") settleTurn(t, "cut", t.said || "(no text)", [["Not final", "the session ended first"]]);
+    }
+    if (closed && !session.stopped) liveProblem(...closeReason(closed));
+    session.stopped = true; // the close that follows our own close() is no news
+    if (live === session) {
+      live = null;
+      liveRunning(false);
+      liveState("off", "off");
+    }
+  }
+
+  async function startLive() {
+    if (live) return;
+    liveRunning(true);
+    liveState("pending", "starting…");
+    $("live-result").replaceChildren();
+    let stream;
+    try {
+      // echo cancellation for an operator on speakers; no noise suppression: it smears speech for ASR
+      stream = await navigator.mediaDevices.getUserMedia(
+        { audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: true } });
+    } catch (err) {
+      liveRunning(false);
+      liveState("off", "off");
+      liveProblem("The microphone is not available", err.message || err.name);
+      return;
+    }
+    const session = { ws: null, stream, stopCapture: null, turns: new Map(), stopping: false, stopped: false, timer: 0 };
+    live = session;
+    $("live-turns").replaceChildren();
+    const ws = new WebSocket(realtimeUrl());
+    session.ws = ws;
+    ws.onmessage = (e) => onLiveEvent(session, e.data);
+    ws.onclose = (e) => endLive(session, e);
+    ws.onopen = async () => {
+      ws.send(JSON.stringify(sessionUpdate()));
+      try {
+        session.stopCapture = await startCapture(stream, (audio) => {
+          if (!session.stopping && ws.readyState === WebSocket.OPEN) {
+            ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio }));
+          }
+        });
+      } catch (err) {
+        session.stopped = true; // said here, not as a close
+        liveProblem("The microphone cannot be captured here", err.message || err.name);
+        endLive(session);
+        return;
+      }
+      if (session.stopping) session.stopCapture(); // Stop came while the capture started
+    };
+  }
+
+  // Stop: the microphone at once; a turn still being spoken is committed and its final text awaited
+  // (up to LIVE_FINISH_MS) before the socket closes.
+  function stopLive() {
+    const session = live;
+    if (!session || session.stopping) return;
+    session.stopping = true;
+    session.stopped = true;
+    if (session.stopCapture) { session.stopCapture(); session.stopCapture = null; }
+    const speaking = [...session.turns.values()].some((t) => t.state === "partial" && !t.ended);
+    const pending = [...session.turns.values()].some((t) => t.state === "partial");
+    if (session.ws.readyState !== WebSocket.OPEN || !pending) { endLive(session); return; }
+    if (speaking) {
+      session.ws.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
+      for (const t of session.turns.values()) t.ended = true;
+    }
+    $("btn-live-stop").disabled = true;
+    liveState("pending", "finishing the last turn…");
+    session.timer = setTimeout(() => endLive(session), LIVE_FINISH_MS);
+  }
+
   // -- wiring -----------------------------------------------------------------------------------
 
   function init() {
@@ -948,6 +1269,14 @@
       $("btn-record").disabled = true;
       note(window.isSecureContext ? "this browser cannot record audio"
         : "recording needs HTTPS (or localhost)");
+    }
+    if (window.WebSocket && window.AudioContext && navigator.mediaDevices && navigator.mediaDevices.getUserMedia) {
+      $("btn-live").addEventListener("click", startLive);
+      $("btn-live-stop").addEventListener("click", stopLive);
+    } else {
+      $("btn-live").disabled = true;
+      $("live-note").textContent = window.isSecureContext ? "This browser cannot stream the microphone."
+        : "The live microphone needs HTTPS (or localhost).";
     }
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
     renderLock();

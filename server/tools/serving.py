@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -154,8 +154,16 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "timeout_keep_alive": settings.keepalive_timeout_s,
         "timeout_graceful_shutdown": max(1, round(settings.drain_timeout_s)),
         "proxy_headers": True, "forwarded_allow_ips": forwarded_allow_ips(settings),
+        "ws_max_size": ws_max_size(settings),
     }
     return uvicorn.Config(app, **{**options, **overrides})
+
+
+def ws_max_size(settings: Settings) -> int:
+    """The WebSocket frame limit: twice the realtime message limit, so a message over the limit but
+    under this gets an ``error`` event that names the limit (and the session goes on); beyond it the
+    protocol closes the connection with 1009 before the message is buffered."""
+    return 2 * settings.realtime_max_message_bytes
 
 
 def forwarded_allow_ips(settings: Settings) -> str:
@@ -204,9 +212,11 @@ def _is_loopback(host: str) -> bool:
 class GracefulServer(uvicorn.Server):
     """uvicorn, with a readiness-first shutdown delay and exit code 0 after a graceful stop."""
 
-    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], bool], delay_s: float):
+    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], bool], delay_s: float,
+                 before_close: Callable[[], Awaitable[None]] | None = None):
         super().__init__(config)
         self._on_shutdown = on_shutdown
+        self._before_close = before_close
         self._delay_s = delay_s
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -229,6 +239,14 @@ class GracefulServer(uvicorn.Server):
         timer.daemon = True
         timer.start()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn closes every WebSocket with 1012 at once: let realtime sessions finish their turns
+        first (they close themselves), then close what is left."""
+        if self._before_close is not None:
+            self._stop_accepting()
+            await self._before_close()
+        await super().shutdown(sockets=sockets)
+
     def _stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
@@ -245,13 +263,14 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve_single(settings: Settings) -> int:
-    from server.app import begin_shutdown, create_app
+    from server.app import begin_shutdown, create_app, drain_streams
 
     warn_if_exposed(settings)
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     raise_open_files_limit(settings, config.backlog)
-    server = GracefulServer(config, on_shutdown=lambda: begin_shutdown(app), delay_s=settings.shutdown_delay_s)
+    server = GracefulServer(config, on_shutdown=lambda: begin_shutdown(app), delay_s=settings.shutdown_delay_s,
+                            before_close=lambda: drain_streams(app))
     server.run()
     return 0 if server.started else 1
 
@@ -348,7 +367,7 @@ class VoxswapWorker(UvicornWorker):  # type: ignore[misc]
         route_server_loggers()  # uvicorn-worker points uvicorn's loggers at gunicorn's handlers
 
     async def _serve(self) -> None:
-        from server.app import begin_shutdown
+        from server.app import begin_shutdown, drain_streams
 
         app = self.wsgi
         settings: Settings = app.state.ctx.settings
@@ -356,8 +375,9 @@ class VoxswapWorker(UvicornWorker):  # type: ignore[misc]
         self.config.http = http_protocol(settings)  # keep-alive comes from gunicorn's own option
         raise_open_files_limit(settings, self.config.backlog)
         self.config.timeout_graceful_shutdown = max(1, round(settings.drain_timeout_s))
+        self.config.ws_max_size = ws_max_size(settings)
         server = GracefulServer(self.config, on_shutdown=lambda: begin_shutdown(app),
-                                delay_s=settings.shutdown_delay_s)
+                                delay_s=settings.shutdown_delay_s, before_close=lambda: drain_streams(app))
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
