@@ -71,9 +71,10 @@ KIND_ROLES: dict[ModelKind, str] = {
 
 
 # What a request's ``model`` may say to mean "the default model's live version" (OpenAI clients
-# send ``whisper-1``). Model names never take these spellings, nor an ``@``: ``NAME@VERSION`` is the
-# one spelling of a pinned version.
-MODEL_ALIASES: tuple[str, ...] = ("whisper-1", "voxswap", "default")
+# send ``whisper-1``, and the streaming models' names for SSE and Realtime transcription). Model
+# names never take these spellings, nor an ``@``: ``NAME@VERSION`` is the one spelling of a pinned
+# version.
+MODEL_ALIASES: tuple[str, ...] = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "voxswap", "default")
 PIN_SEPARATOR = "@"
 
 

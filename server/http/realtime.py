@@ -48,6 +48,8 @@ async def realtime(websocket: WebSocket, intent: str | None = None, model: str |
     await websocket.accept()
     outbox: asyncio.Queue[events.Event | tuple[int, str]] = asyncio.Queue()
     session = ctx.streams.open(outbox.put_nowait)
+    session.client_key = (websocket.headers.get("x-canary-key", "").strip()[:200]
+                          or (websocket.client.host if websocket.client else ""))
     sender = asyncio.create_task(_send_all(websocket, outbox), name="voxswap-realtime-sender")
     log.info("realtime session opened", extra={"event": "realtime_open", "session": session.id})
     code, reason = NORMAL, "session ended"
@@ -58,6 +60,8 @@ async def realtime(websocket: WebSocket, intent: str | None = None, model: str |
                 "type": "transcription", "audio": {"input": {"transcription": {"model": model}}}}})
         code, reason = await _serve(ctx, websocket, session)
     except StreamEnded as exc:
+        session.abort_turn(exc.code, exc.message)
+        await asyncio.wait_for(session.decoder.idle.wait(), ctx.settings.inference_timeout_s)
         outbox.put_nowait(events.error(exc.message, code=exc.code, type_="server_error"))
         code, reason = exc.close_code, exc.message
     except Exception:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Header, Query, Request, Response, Upl
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.errors import InvalidRequest, NotFound
-from server.http import schemas
+from server.http import schemas, sse
 from server.http.deps import CtxDep, bearer_token, canary_key, is_admin_token
 from server.http.status_schemas import ModelList, SystemStatus
 from server.service import routing
@@ -73,12 +73,15 @@ async def openai_transcriptions(
     response_format: Annotated[ResponseFormat, Form()] = "json",
     temperature: Annotated[float | None, Form()] = None,
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+    stream: Annotated[bool, Form(description="Answer text/event-stream: a transcript.text.delta per finished "
+                                             "segment, then transcript.text.done (json or text only)")] = False,
     x_model_version: Annotated[str | None, Header()] = None,
 ) -> Response:
     """OpenAI's transcription API. ``prompt`` is a seaco or contextual Paraformer's hotwords (its
     words of up to 10 characters) and ignored for other models; ``temperature`` is ignored.
     ``timestamp_granularities[]``: ``segment`` (always given) and ``word`` (``words``, as OpenAI),
-    with ``verbose_json`` only, as OpenAI's API."""
+    with ``verbose_json`` only, as OpenAI's API. ``stream``: server-sent events, as OpenAI's
+    ``gpt-4o-transcribe`` answers them (see ``server.http.sse``)."""
     lang = (language or "auto").lower()
     if lang not in LANGUAGES:
         raise InvalidRequest(f"language must be one of {', '.join(LANGUAGES)}", param="language")
@@ -88,8 +91,14 @@ async def openai_transcriptions(
     if granularities and response_format != "verbose_json":
         raise InvalidRequest("timestamp_granularities[] needs response_format=verbose_json",
                              param="timestamp_granularities")
+    if stream and (response_format not in ("json", "text") or granularities):
+        raise InvalidRequest("stream=true answers text events: response_format json or text, no "
+                             "timestamp_granularities[]", param="stream")
     target = routing.resolve(ctx.models, model, x_model_version, ctx.pipelines)
     hotwords = ctx.service.prompt_hotwords(target.model, prompt)
+    if stream:
+        return await sse.transcription_events(ctx, await file.read(), target, language=lang, hotwords=hotwords,
+                                              client_key=canary_key(request))
     result = await ctx.service.transcribe(await file.read(), language=lang, model=target.model,
                                           version=target.version, client_key=canary_key(request),
                                           hotwords=hotwords, stages=target.stages, timestamps="word" in granularities)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from server.errors import CommitEmpty, VoxswapError
+from server.errors import CommitEmpty, VersionNotLoaded, VoxswapError
 from server.lifecycle.holder import LoadedModel
 from server.lifecycle.models import ModelSet
 from server.metrics import Metrics
@@ -99,6 +99,7 @@ class StreamSession:
         self._turn: Turn | None = None
         self._previous_item: str | None = None
         self.draining = False
+        self.client_key = ""  # who the client is, for a canary's split (set by the route)
         self.decoder = TurnDecoder(services.service, services.pool, services.metrics, self._emit, self._model_label)
 
     # -- what the route calls, in the client's order -------------------------------------------------
@@ -186,6 +187,13 @@ class StreamSession:
     def in_turn(self) -> bool:
         return self._turn is not None
 
+    def abort_turn(self, code: str, message: str) -> None:
+        """The session is ending for a reason of the server's: the open turn ends as failed, saying why."""
+        if self._turn is not None:
+            turn, self._turn = self._turn, None
+            turn.fail(code, message)
+            self.decoder.piece(turn, np.zeros(0, np.float32), final=True)
+
     async def close(self) -> None:
         """The connection is gone: an open turn cannot be delivered; every lease is released."""
         if self._turn is not None:
@@ -269,7 +277,7 @@ class StreamSession:
         assert target is not None
         turn = Turn(events.new_id("item"), begin, self.config.language, None)
         try:
-            turn.asr = (target.model, self.pinned or turn.leases.enter_context(target.model.lease(target.version)))
+            turn.asr = (target.model, self.pinned or self._lease_asr(turn, target))
             if target.stages is not None and target.stages.punc is not None:
                 turn.punc = (target.stages.punc, turn.leases.enter_context(target.stages.punc.lease()))
         except VoxswapError as exc:
@@ -279,6 +287,16 @@ class StreamSession:
         self._turn = turn
         if announce:
             self._emit(events.speech_started(turn.item_id, begin * 1000 // SAMPLE_RATE))
+
+    def _lease_asr(self, turn: Turn, target: Target) -> LoadedModel:
+        """The live version, or a canary's candidate for a client in its share, for the whole turn."""
+        routed = target.model.canary.route(self.client_key) if target.version is None else None
+        try:
+            return turn.leases.enter_context(target.model.lease(routed or target.version))
+        except VersionNotLoaded:
+            if routed is None:
+                raise
+            return turn.leases.enter_context(target.model.lease())  # the canary ended meanwhile
 
     def _grow_turn(self) -> None:
         """Cut a piece off the open turn once it is long enough; end a turn at its maximum length."""

@@ -227,7 +227,8 @@ class TranscriptionService:
             result.text = pipeline.punctuate(punc[0], punc[1], [result.text])[0]
         return result
 
-    async def transcribe_events(self, data: bytes, on_texts: Callable[[list[str]], None], *, language: str,
+    async def transcribe_events(self, samples: NDArray[np.float32], on_texts: Callable[[list[str]], None], *,
+                                language: str,
                                 version: str | None, model: ModelLifecycle, client_key: str = "", hotwords: str = "",
                                 stages: Stages | None = None) -> Transcription:
         """:meth:`transcribe`, telling ``on_texts`` each batch's segment texts as the batch ends (on
@@ -240,7 +241,6 @@ class TranscriptionService:
             loop.call_soon_threadsafe(on_texts, texts)
 
         def run() -> Transcription:
-            samples = self.decode(data)
             if stages is not None:
                 result = self.run_pipeline(stages, samples, language, False, version, hotwords)
                 tell([segment.text for segment in result.segments])

@@ -965,8 +965,9 @@
   // The model and language of the form above; no model listed yet: the server's default model.
   function sessionUpdate() {
     const transcription = { model: $("transcribe-model").value || "default" };
-    const language = $("language").value;
-    if (language && language !== "auto") transcription.language = language; // none: the model detects it
+    // the server's own language ids (/api/ui/vocabulary), "auto" included: sent even then, or a session
+    // switched back to auto-detect would keep the language it had
+    if ($("language").value) transcription.language = $("language").value;
     return {
       type: "session.update",
       session: {
@@ -1152,6 +1153,8 @@
       }
       case "error": {
         const e = ev.error || {};
+        // Stop's commit raced the server's own end of the turn: nothing was lost
+        if (session.stopping && e.code === "input_audio_buffer_commit_empty") break;
         liveProblem("The server reported an error", [e.message, e.code && `(${e.code})`].filter(Boolean).join(" "));
         break;
       }
@@ -1229,7 +1232,14 @@
         return;
       }
       if (session.stopping) session.stopCapture(); // Stop came while the capture started
+      else liveState("live", "listening");
     };
+  }
+
+  // Another model or language chosen while live: the server ends the open turn on the old settings
+  // and goes on with the new ones.
+  function reconfigureLive() {
+    if (live && !live.stopping && live.ws.readyState === WebSocket.OPEN) live.ws.send(JSON.stringify(sessionUpdate()));
   }
 
   // Stop: the microphone at once; a turn still being spoken is committed and its final text awaited
@@ -1273,6 +1283,8 @@
     if (window.WebSocket && window.AudioContext && navigator.mediaDevices && navigator.mediaDevices.getUserMedia) {
       $("btn-live").addEventListener("click", startLive);
       $("btn-live-stop").addEventListener("click", stopLive);
+      $("transcribe-model").addEventListener("change", reconfigureLive);
+      $("language").addEventListener("change", reconfigureLive);
     } else {
       $("btn-live").disabled = true;
       $("live-note").textContent = window.isSecureContext ? "This browser cannot stream the microphone."
