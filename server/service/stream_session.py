@@ -125,12 +125,13 @@ class StreamSession:
         """Apply ``config`` (a 404-style error for an unknown model leaves the session as it was).
         An open turn ends first, on the settings it began with."""
         target = routing.resolve(self._services.models, config.model, None, self._services.pipelines)
+        pin, pinned = ExitStack(), None
+        if target.version is not None:  # NAME@VERSION: this version until the session ends
+            pinned = pin.enter_context(target.model.lease(target.version))  # a 409 leaves the session as it was
         if self._turn is not None:
             self._end_turn(self._position, stopped=False)
         self._pin.close()
-        self.pinned = None
-        if target.version is not None:  # NAME@VERSION: this version until the session ends
-            self.pinned = self._pin.enter_context(target.model.lease(target.version))
+        self._pin, self.pinned = pin, pinned
         if config.rate != self.config.rate:
             self._resampler = StreamResampler(config.rate)
         self.config, self.target = config, target
@@ -140,6 +141,7 @@ class StreamSession:
         """A chunk of the client's audio. A VAD model's inference on it runs off the event loop;
         everything else here is cheap and runs on it, so the session's state has one owner."""
         self.check_pin()
+        await self.decoder.room()  # a client sending faster than the pieces decode waits here
         samples = self._resampler.feed(pcm)
         if len(samples):
             self._take(samples, await self._detect(samples))

@@ -36,6 +36,7 @@ from server.vocab import pinned_name
 
 log = logging.getLogger("voxswap.realtime")
 MIN_PIECE_SAMPLES = SAMPLE_RATE // 10  # a last piece shorter than 100 ms after others adds no words
+MAX_QUEUED_PIECES = 8  # beyond this, the session stops reading its client until the decoder catches up
 
 
 @dataclass(eq=False)
@@ -85,6 +86,7 @@ class TurnDecoder:
         self._pending = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self._progress = asyncio.Condition()
         self.abandoned = False  # the client went away: release leases, decode nothing more
         self._task = asyncio.create_task(self._run(), name="voxswap-realtime-decoder")
 
@@ -92,6 +94,13 @@ class TurnDecoder:
         self._pending += 1
         self.idle.clear()
         self._jobs.put_nowait(_Job(turn, samples, final))
+
+    async def room(self) -> None:
+        """Wait while ``MAX_QUEUED_PIECES`` pieces wait to be decoded: a client may send audio faster
+        than real time (a recording through a realtime session), but never more than the server can
+        hold; its WebSocket simply stops being read meanwhile."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._pending < MAX_QUEUED_PIECES)
 
     async def close(self) -> None:
         """Finish (or, when abandoned, skip) what is queued, release every lease, stop."""
@@ -111,6 +120,8 @@ class TurnDecoder:
                 self._pending -= 1
                 if self._pending == 0:
                     self.idle.set()
+                async with self._progress:
+                    self._progress.notify_all()
 
     async def _decode(self, job: _Job) -> None:
         turn = job.turn
