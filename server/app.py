@@ -19,6 +19,7 @@ from server.http.errors import install_error_handlers
 from server.http.middleware import RequestContextMiddleware
 from server.lifecycle.models import ModelSet
 from server.lifecycle.policy import ModelLifecycle
+from server.logs import quiet_denied_handshakes
 from server.metrics import Metrics
 from server.service import background
 from server.service.context import AppContext
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     install_error_handlers(app)
+    quiet_denied_handshakes()
     for router in (transcribe.router, realtime.router, jobs.router, admin.router, pipelines.router, ui.router,
                    page.router):
         app.include_router(router)

@@ -25,6 +25,28 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# set (never reset) by a task that refused a WebSocket handshake with an HTTP answer: uvicorn's
+# sans-io protocol then logs "returned without completing handshake" at ERROR from that same task,
+# for what is a complete answer (ASGI's websocket.http.response), not a failure
+websocket_denied: contextvars.ContextVar[bool] = contextvars.ContextVar("voxswap_websocket_denied", default=False)
+DENIED_HANDSHAKE_LINE = "ASGI callable returned without completing handshake."
+
+
+class DeniedHandshakeFilter(logging.Filter):
+    """Drop uvicorn's error line for a handshake voxswap refused on purpose (a 503 when full)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (websocket_denied.get() and record.msg == DENIED_HANDSHAKE_LINE)
+
+
+def quiet_denied_handshakes() -> None:
+    """Install :class:`DeniedHandshakeFilter` on uvicorn's error logger (once): the app does, since
+    its own refusals cause the line, whoever configured logging."""
+    server_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DeniedHandshakeFilter) for f in server_errors.filters):
+        server_errors.addFilter(DeniedHandshakeFilter())
+
+
 class QuietAccessFilter(logging.Filter):
     """Drop uvicorn access lines for probes and scrapes; they drown the lines that matter."""
 
@@ -136,6 +158,7 @@ def route_server_loggers(quiet_access: bool = True) -> None:
     access = logging.getLogger("uvicorn.access")
     if quiet_access and not any(isinstance(f, QuietAccessFilter) for f in access.filters):
         access.addFilter(QuietAccessFilter())
+    quiet_denied_handshakes()
     for name in RATE_LIMITED_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RateLimitedFilter) for f in logger.filters):

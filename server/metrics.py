@@ -32,7 +32,7 @@ SWAP_PHASES = ("verify", "load", "smoke", "drain", "free")
 JOB_OUTCOMES = tuple(status.value for status in FINISHED_JOB_STATUSES)
 WEBHOOK_OUTCOMES = ("delivered", "failed")
 SHADOW_OUTCOMES = ("mirrored", "dropped", "failed")
-TURN_OUTCOMES = ("completed", "failed")
+TURN_OUTCOMES = ("completed", "failed", "abandoned")  # abandoned: the client left during the turn
 STREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
@@ -121,7 +121,8 @@ class Metrics:
             "voxswap_realtime_sessions", "Realtime transcription sessions (WebSockets) open now.",
             registry=r, multiprocess_mode="livesum")
         self.stream_turns = Counter(
-            "voxswap_realtime_turns", "Realtime turns that ended, by model and outcome (completed or failed).",
+            "voxswap_realtime_turns", "Realtime turns that ended, by model and outcome: completed, failed "
+            "(the server could not transcribe it), abandoned (the client left or cleared it).",
             ["model", "outcome"], registry=r)
         self.stream_first_delta = Histogram(
             "voxswap_realtime_first_delta_seconds", "From a turn's speech start to its first delta event.",

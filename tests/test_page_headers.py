@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.http.page import STATIC_DIR
 
-PATHS = ["/", "/static/app.js", "/static/style.css", "/static/no-such-file.js"]
+PATHS = ["/", "/static/app.js", "/static/mic-worklet.js", "/static/style.css", "/static/no-such-file.js"]
 
 
 @pytest.mark.parametrize("path", PATHS)

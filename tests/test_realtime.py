@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import numpy as np
 import pytest
 import websockets
@@ -175,6 +177,10 @@ def test_clear_during_a_turn_ends_it_as_failed(server: Callable[..., str]) -> No
             await session.wait_count(COMPLETED, 1)
 
     asyncio.run(scenario())
+    metrics = httpx.get(f"{url}/metrics").text  # the client ended that turn: not the server's failure
+    assert 'voxswap_realtime_turns_total{model="sensevoice",outcome="abandoned"} 1.0' in metrics
+    assert 'voxswap_realtime_turns_total{model="sensevoice",outcome="failed"} 0.0' in metrics
+    assert 'voxswap_realtime_turns_total{model="sensevoice",outcome="completed"} 1.0' in metrics
 
 
 def test_a_turn_longer_than_the_maximum_is_committed_by_the_server(server: Callable[..., str]) -> None:
@@ -191,7 +197,8 @@ def test_a_turn_longer_than_the_maximum_is_committed_by_the_server(server: Calla
     asyncio.run(scenario())
 
 
-def test_limits_refuse_the_handshake_or_close_with_a_reason(server: Callable[..., str]) -> None:
+def test_limits_refuse_the_handshake_or_close_with_a_reason(server: Callable[..., str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     url = server(realtime_max_sessions=1, realtime_idle_timeout_s=1.0)
     ws_url = url.replace("http", "ws") + "/v1/realtime"
 
@@ -216,3 +223,5 @@ def test_limits_refuse_the_handshake_or_close_with_a_reason(server: Callable[...
             assert again.of("session.created")
 
     asyncio.run(scenario())
+    # a refusal is an answer, not a server error: uvicorn's "without completing handshake" line is not logged
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from server.errors import VoxswapError, envelope
 from server.http.guard import Guard, upload_template
-from server.logs import request_id_var
+from server.logs import request_id_var, websocket_denied
 from server.service.context import AppContext
 
 Scope = MutableMapping[str, Any]
@@ -163,6 +163,7 @@ async def deny_websocket(send: Send, scope: Scope, exc: VoxswapError, request_id
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
         return
+    websocket_denied.set(True)  # see server.logs.DeniedHandshakeFilter
     body = json.dumps(envelope(exc.message, type_=exc.type, code=exc.code, param=exc.param,
                                request_id=request_id)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -21,7 +21,7 @@ CONTENT_SECURITY_POLICY = "; ".join((
     "script-src 'self'",  # /static/app.js only: no inline script, no eval
     "style-src 'self'",  # /static/style.css only: no style attributes or <style>
     "img-src 'self'",  # the browser's own /favicon.ico request
-    "connect-src 'self'",  # fetch() to this server's API
+    "connect-src 'self'",  # fetch() to this API and the microphone's WebSocket (CSP3 'self' covers ws:/wss:)
     "base-uri 'none'",
     "form-action 'none'",  # forms are sent by script; a form submitted before it ran goes nowhere
     "frame-ancestors 'none'",

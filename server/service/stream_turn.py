@@ -36,6 +36,7 @@ from server.vocab import pinned_name
 
 log = logging.getLogger("voxswap.realtime")
 MIN_PIECE_SAMPLES = SAMPLE_RATE // 10  # a last piece shorter than 100 ms after others adds no words
+CLIENT_ENDINGS = ("session_closed", "input_audio_buffer_cleared")  # turns the client ended, not the server
 MAX_QUEUED_PIECES = 8  # beyond this, the session stops reading its client until the decoder catches up
 
 
@@ -169,7 +170,8 @@ class TurnDecoder:
                     model_versions=versions if len(versions) > 1 else None))
                 if turn.ended_at is not None:
                     self._metrics.stream_finalize.labels(self._model()).observe(time.monotonic() - turn.ended_at)
-            outcome = "failed" if turn.failure is not None or turn.asr is None else "completed"
+            outcome = ("abandoned" if turn.failure is not None and turn.failure[0] in CLIENT_ENDINGS
+                       else "failed" if turn.failure is not None or turn.asr is None else "completed")
             self._metrics.stream_turns.labels(self._model(), outcome).inc()
         finally:
             turn.leases.close()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from websockets.sync.client import connect
 
 from server.metrics import SWAP_OUTCOMES, SWAP_PHASES
 from server.settings import Settings
@@ -53,6 +55,7 @@ from testkit.prometheus import (
     variable_queries,
 )
 from tests.conftest import AUTH, TEXT_A, TEXT_B, TOKEN, copy_model
+from tests.test_realtime_observability import Talker, receive, transcribe_one_turn, ws_url
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found; scripts/install-system-deps.sh installs Debian's prometheus")
@@ -85,6 +88,10 @@ PER_MODEL_LABELS: dict[str, set[str]] = {
     "voxswap_swap_freed_memory_bytes": {"model"},
     "voxswap_registry_generation": {"model"},
     "voxswap_shadow_requests_total": {"model", "outcome"},
+    "voxswap_realtime_turns_total": {"model", "outcome"},
+    "voxswap_realtime_first_delta_seconds": {"model"},
+    "voxswap_realtime_finalize_seconds": {"model"},
+    "voxswap_realtime_audio_seconds_total": {"model"},
 }
 # a per-model family named in PromQL, a histogram by any of its series
 PER_MODEL_METRIC = re.compile(
@@ -145,11 +152,14 @@ def test_every_alert_fires_and_stays_quiet_in_its_unit_tests() -> None:
 
 
 def _exercised_metrics(live_server: tuple[str, FastAPI], speech_wav: bytes) -> str:
-    """/metrics after a transcription and a swap, so most labelled families have samples."""
+    """/metrics after a transcription, a realtime turn and a swap, so most labelled families have samples."""
     url, _ = live_server
     with httpx.Client(base_url=url, timeout=60) as client:
         r = client.post("/api/transcribe", files={"file": ("clip.wav", speech_wav, "audio/wav")})
         assert r.status_code == 200, r.text
+        with connect(ws_url(url)) as ws:
+            assert receive(ws)["type"] == "session.created"
+            assert transcribe_one_turn(ws)[-1]["type"].endswith(".completed")
         r = client.post("/admin/model/update", json={"version": "b"}, headers=AUTH)
         assert r.status_code == 200, r.text
         return client.get("/metrics").text
@@ -367,7 +377,7 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
     model = voxswap.model
     values = {"job": "voxswap", "instance": voxswap.target, "model": model, "__rate_interval": "5s",
               "__interval": "1s", "__range": "5m"}
-    with LoadGenerator(voxswap.url, speech_wav, concurrency=2, pause_s=0.02) as load:
+    with LoadGenerator(voxswap.url, speech_wav, concurrency=2, pause_s=0.02) as load, ExitStack() as realtime:
         wait_until(lambda: api.query(f'rate(voxswap_requests_total{{status="200", model="{model}", version="a"}}[5s])'
                                      ' > 0'),
                    timeout_s=30, interval_s=0.2, message=f"Prometheus to see traffic on {model}@a")
@@ -377,13 +387,19 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
                              timeout=60)
         assert refused.status_code == 422, refused.text
         assert refused.json()["error"]["report"]["outcome"] == "load_failed"
+        # then a realtime session speaking turn after turn, for the dashboard's realtime row (not before
+        # the swaps: a turn holds its version's lease, so a worker could still be draining a when the
+        # second swap is asked for, and that swap would get a 409)
+        talker = realtime.enter_context(Talker(voxswap.url))
         # every worker
         on_b = f'count(voxswap_model_active{{model="{model}", version="b"}} == 1) == {voxswap.workers}'
         wait_until(lambda: api.query(on_b)
                    and api.query(f'rate(voxswap_inference_duration_seconds_count{{model="{model}", version="b"}}[5s])'
                                  ' > 0')
-                   and api.query(f'voxswap_swaps_total{{model="{model}", outcome="load_failed"}}'),
-                   timeout_s=30, interval_s=0.2, message=f"Prometheus to see {model}@b serve and the refusal")
+                   and api.query(f'voxswap_swaps_total{{model="{model}", outcome="load_failed"}}')
+                   and api.query(f'rate(voxswap_realtime_finalize_seconds_count{{model="{model}"}}[5s]) > 0'),
+                   timeout_s=30, interval_s=0.2,
+                   message=f"Prometheus to see {model}@b serve, the refusal and realtime turns end")
         # the refused swap fires its alert (the first failure creates its series, so this also
         # proves the rule sees a counter's first sample)
         firing = wait_until(lambda: _firing(api, "VoxswapSwapFailed"), timeout_s=30, interval_s=0.2,
@@ -429,6 +445,7 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
         # with two workers this is gunicorn's multiprocess exposition, aggregated from every worker
         lint = promtool("check", "metrics", stdin=httpx.get(f"{voxswap.url}/metrics", timeout=10).text)
     assert load.failures() == [], load.failures()[:3]  # neither swap cost a client a request
+    assert talker.completed and not talker.problems, talker.problems[:3]  # nor a realtime turn
 
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert not errors, "queries Prometheus refused:\n" + "\n".join(errors)
