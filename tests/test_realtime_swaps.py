@@ -46,11 +46,13 @@ def serve(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., tupl
         served.__exit__(None, None, None)
 
 
-def _update(url: str, path: str, version: str, into: dict[str, Any]) -> threading.Thread:
-    """POST an update in a thread (it returns only when the old version has drained)."""
+def _update(url: str, path: str, version: str | None, into: dict[str, Any]) -> threading.Thread:
+    """POST an update (or, without a version, a rollback) in a thread: it returns only when the
+    old version has drained."""
     def run() -> None:
         into["started"] = time.monotonic()
-        into["response"] = httpx.post(f"{url}{path}", json={"version": version}, headers=AUTH, timeout=60)
+        into["response"] = httpx.post(f"{url}{path}", json={"version": version} if version else None, headers=AUTH,
+                                      timeout=60)
         into["answered"] = time.monotonic()
 
     thread = threading.Thread(target=run)
@@ -64,8 +66,12 @@ def _started_at(session: Session) -> dict[str, float]:
             if e["type"] == "input_audio_buffer.speech_started"}
 
 
+@pytest.mark.parametrize("change", ["update", "rollback"])
 def test_a_swap_under_four_live_sessions_completes_every_turn_on_the_version_that_began_it(
-        serve: Callable[..., tuple[str, FastAPI]]) -> None:
+        change: str, registry: Registry, serve: Callable[..., tuple[str, FastAPI]]) -> None:
+    if change == "rollback":  # b is live, a the previous version a rollback returns to
+        registry.promote("b")
+    old, new = ("a", "b") if change == "update" else ("b", "a")
     url, _ = serve()
     utterance = np.concatenate([synth.speech_like(2.5, seed=7), synth.silence(1.0)])
     update: dict[str, Any] = {}
@@ -81,7 +87,7 @@ def test_a_swap_under_four_live_sessions_completes_every_turn_on_the_version_tha
             sessions = [s1, s2, s3, s4]
             talking = [asyncio.create_task(speaker(s)) for s in sessions]
             await asyncio.sleep(2.6)  # mid-turn for everyone: the second utterance is being spoken
-            thread = _update(url, "/admin/model/update", "b", update)
+            thread = _update(url, f"/admin/model/{change}", new if change == "update" else None, update)
             await asyncio.gather(*talking)
             await asyncio.to_thread(thread.join)
             return sessions
@@ -98,19 +104,18 @@ def test_a_swap_under_four_live_sessions_completes_every_turn_on_the_version_tha
         assert len(finished) == 5 and not session.of(FAILED)
         assert len(started) == 5  # every speech_started ended in exactly one .completed
         labels = [completed["model_version"] for _, completed in finished]
-        assert labels == sorted(labels), labels  # a ... a b ... b: never back
+        assert labels == sorted(labels, key=[old, new].index), labels  # old ... old new ... new: never back
         for deltas, completed in finished:
             version, began = completed["model_version"], started[completed["item_id"]]
             assert TEXTS[version] in completed["transcript"] and "".join(deltas) == completed["transcript"]
             if began < update["started"]:
-                assert version == "a"
+                assert version == old
             if began > update["answered"]:
-                assert version == "b"
+                assert version == new
             ended = session.arrivals[session.events.index(completed)]
             spanning += began < flipped_at < ended
     assert spanning, "no turn was in progress across the flip; the test proved nothing"
-    assert all(
-        {c["model_version"] for _, c in turns(s)} == {"a", "b"} for s in sessions)
+    assert all({c["model_version"] for _, c in turns(s)} == {old, new} for s in sessions)
 
 
 def test_a_pinned_session_keeps_its_version_until_the_drain_timeout_closes_it(
