@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     models = ModelSet(catalog, settings, metrics)
     pool = InferencePool(workers=settings.inference_workers, max_queue=settings.max_queue,
-                         timeout_s=settings.inference_timeout_s, metrics=metrics)
+                         timeout_s=settings.inference_timeout_s, metrics=metrics,
+                         batch_max=settings.batch_max_size, batch_wait_s=settings.batch_wait_ms / 1000)
     service = TranscriptionService(models, pool, settings, metrics)
     ctx = AppContext(settings, catalog, metrics, models, pool, service)
     ctx.pipelines = PipelineStore(catalog)

@@ -117,6 +117,9 @@ class Metrics:
             ["model", "outcome"], registry=r)
         self.webhooks = Counter(
             "voxswap_job_webhooks", "Job webhook deliveries that ended, by outcome.", ["outcome"], registry=r)
+        self.batch_size = Histogram(
+            "voxswap_batch_requests", "Requests run together as one batch (1: alone), by model.",
+            ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
         self.stream_sessions = Gauge(
             "voxswap_realtime_sessions", "Realtime transcription sessions (WebSockets) open now.",
             registry=r, multiprocess_mode="livesum")

@@ -64,6 +64,21 @@ class Settings(BaseSettings):
     prefer_quantized: bool = True
     """Use model_quant.onnx when a version has both it and model.onnx."""
 
+    session_spin_wait: bool = False
+    """Let onnxruntime's intra-op threads spin between work instead of sleeping. Off: on a host
+    whose cores are shared (several workers, decoding, other models) spinning burns CPU that
+    requests need; on for a host dedicated to one model where latency matters most."""
+
+    prepare_on_add: bool = True
+    """At ``registry add`` and upload, prepare the graphs this host loads (optimised by onnxruntime,
+    weights in a mapped external file) beside the original files, so a swap maps the weights
+    instead of copying them and skips graph optimisation. Costs one full load at add."""
+
+    prepare_on_load: bool = True
+    """When a version has no usable prepared graph for this host (added before them, made for
+    another onnxruntime version or CPU, or damaged), prepare it again from the original before
+    loading it. Off: load the original (as earlier releases did) and leave the folder untouched."""
+
     inference_workers: int = Field(1, ge=1, le=64)
     """Inference threads per process: how many requests run the model at once."""
 
@@ -84,6 +99,14 @@ class Settings(BaseSettings):
 
     segment_batch_size: int = Field(4, ge=1, le=64)
     """Segments of one long file run through the model together (memory grows with it)."""
+
+    batch_max_size: int = Field(8, ge=1, le=64)
+    """Requests that arrive together are run as one session call, up to this many (1: no batching).
+    Each answer still names the version that computed it; a batch never mixes versions."""
+
+    batch_wait_ms: float = Field(5.0, ge=0, le=100)
+    """An incomplete batch waits this long for more, only while requests have been arriving closer
+    together than this (at low load a lone request never waits)."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """How long a swap or unload waits for requests still running on the old version."""

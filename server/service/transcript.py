@@ -148,6 +148,17 @@ class FileTranscription:
             finally:
                 self.elapsed_s += time.perf_counter() - started
 
+    def waves(self) -> list[NDArray[np.float32]]:
+        """The file's segments as the model takes them (views, no copies)."""
+        return [self._samples[s.start : s.end] for s in self.spans]
+
+    def finish(self, model: LoadedModel, raws: list[str], elapsed_s: float) -> None:
+        """The file ran elsewhere, in a batch with other files (:func:`run_together`), on ``model``."""
+        assert len(raws) == len(self.spans)
+        self.version, self._raws, self.elapsed_s = model.version, raws, elapsed_s
+        self._tagged = model.engine.tagged if isinstance(model.engine, AsrEngine) else True
+        self._done = len(self._batches)
+
     def restart(self) -> None:
         """Throw away the batches done: the version they ran on is gone, so none of them counts."""
         self.version = None
@@ -190,6 +201,35 @@ class FileTranscription:
             words=[asdict(w) for ws, p in zip(self._words, parsed, strict=True) if p.text for w in ws]
             if self._timestamps else None,
         )
+
+
+def run_together(files: list[FileTranscription], model: LoadedModel, *, language: str, use_itn: bool,
+                 batch_size: int) -> float:
+    """Blocking: the segments of several files (requests that arrived together) through one version
+    in as few session runs as possible, shortest first, so that each run pads little: a run holds at
+    most ``batch_size`` segments and never one over twice as long as its shortest. Returns the
+    inference time, which every file reports as its own (they shared it)."""
+    engine = model.engine
+    if not isinstance(engine, AsrEngine):
+        raise InvalidRequest(f"version {model.version} is a {engine.kind.role} model, not speech recognition",
+                             param="model")
+    pieces = sorted(((len(wave), index, segment, wave) for index, file in enumerate(files)
+                     for segment, wave in enumerate(file.waves())), key=lambda piece: piece[0])
+    raws: list[list[str]] = [[""] * len(file.spans) for file in files]
+    started = time.perf_counter()
+    run: list[tuple[int, int, int, NDArray[np.float32]]] = []
+    for piece in [*pieces, None]:
+        if run and (piece is None or len(run) == batch_size or piece[0] > 2 * max(run[0][0], 1)):
+            texts = engine.transcribe_batch([wave for *_, wave in run], language=language, use_itn=use_itn)
+            for (_, index, segment, _), text in zip(run, texts, strict=True):
+                raws[index][segment] = text
+            run = []
+        if piece is not None:
+            run.append(piece)
+    elapsed = time.perf_counter() - started
+    for file, file_raws in zip(files, raws, strict=True):
+        file.finish(model, file_raws, elapsed)
+    return elapsed
 
 
 def _most_common(values: list[str | None]) -> str | None:

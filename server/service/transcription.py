@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +36,7 @@ from server.service import pipeline
 from server.service.inference import InferencePool
 from server.service.pipeline import Stages
 from server.service.shadow import ShadowRunner
-from server.service.transcript import FileTranscription, Segment, Transcription
+from server.service.transcript import FileTranscription, Segment, Transcription, run_together
 from server.settings import Settings
 from server.speech import audio, segmenter
 from server.speech.richtext import join_texts
@@ -42,6 +44,18 @@ from server.vocab import ModelKind, pinned_name
 
 log = logging.getLogger("voxswap.service")
 Held = tuple[ModelLifecycle, LoadedModel]  # a model and the version of it a caller holds a lease on
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A plain request (no pipeline, hotwords or timestamps), as it waits to be batched."""
+
+    data: bytes
+    model: ModelLifecycle
+    language: str
+    use_itn: bool
+    version: str | None
+    client_key: str
 
 
 class TranscriptionService:
@@ -103,8 +117,75 @@ class TranscriptionService:
         """
         lifecycle = stages.asr if stages is not None else model or self.models.default
         self.check_request(lifecycle, hotwords=hotwords)
+        if stages is None and not hotwords.strip() and not timestamps:  # the plain request: it batches
+            request = _Request(data, lifecycle, language, use_itn, version, client_key)
+            result: Transcription = await self.pool.run_batched(
+                (lifecycle.name, language, use_itn, version), self._transcribe_together, request)
+            return result
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
                                    lifecycle, client_key, hotwords, stages, timestamps)
+
+    def _transcribe_together(self, requests: Sequence[_Request]) -> list[Transcription | Exception]:
+        """Blocking, on an inference thread: requests of one model, language and pin that were
+        queued together, decoded one by one and run as shared session calls, one per version a
+        canary's split gives them (``run_together``). Each outcome is its request's own: audio that
+        does not decode fails that request only."""
+        outcomes: list[Transcription | Exception] = [InvalidRequest("not run")] * len(requests)
+        groups: dict[str | None, list[tuple[int, NDArray[np.float32], str | None]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                samples = self.decode(request.data)
+            except Exception as exc:
+                outcomes[index] = exc
+                continue
+            routed = request.model.canary.route(request.client_key) if request.version is None else None
+            groups.setdefault(routed or request.version, []).append((index, samples, routed))
+        lifecycle, first = requests[0].model, requests[0]
+        self.metrics.batch_size.labels(lifecycle.name).observe(len(requests))
+        for version, members in groups.items():
+            split = members[0][2] is not None  # a canary's split chose this version
+            try:
+                files, elapsed = self._run_group(lifecycle, version, [samples for _, samples, _ in members],
+                                                 first.language, first.use_itn, routed=split)
+            except Exception as exc:
+                for index, _, _ in members:
+                    outcomes[index] = exc
+                continue
+            for (index, samples, _), file in zip(members, files, strict=True):
+                result = outcomes[index] = file.result()
+                lifecycle.stats.record(result.model_version, ok=True, empty=not result.text, latency_s=elapsed)
+                if requests[index].version is None and not split:
+                    self._mirror(lifecycle, samples, first.language, first.use_itn, result)
+        return outcomes
+
+    def _run_group(self, lifecycle: ModelLifecycle, version: str | None, waves: list[NDArray[np.float32]],
+                   language: str, use_itn: bool, *, routed: bool) -> tuple[list[FileTranscription], float]:
+        """One lease for the group; a canary's candidate that went away meanwhile leaves it to the live
+        version (as :meth:`transcribe_samples` does). A failure counts against the version that ran."""
+        try:
+            with lifecycle.lease(version) as held:
+                return self._together(lifecycle, held, waves, language, use_itn)
+        except VersionNotLoaded:
+            if not routed:
+                raise
+        with lifecycle.lease() as held:
+            return self._together(lifecycle, held, waves, language, use_itn)
+
+    def _together(self, lifecycle: ModelLifecycle, held: LoadedModel, waves: list[NDArray[np.float32]],
+                  language: str, use_itn: bool) -> tuple[list[FileTranscription], float]:
+        files = [self.file(samples, language=language, use_itn=use_itn, model=lifecycle, held=held)
+                 for samples in waves]
+        started = time.perf_counter()
+        try:
+            elapsed = run_together(files, held, language=language, use_itn=use_itn,
+                                   batch_size=self.settings.batch_max_size)
+        except InvalidRequest:
+            raise
+        except Exception:
+            for _ in files:
+                lifecycle.stats.record(held.version, ok=False, empty=False, latency_s=time.perf_counter() - started)
+            raise
+        return files, elapsed
 
     def decode(self, data: bytes) -> NDArray[np.float32]:
         """Blocking: an upload as the 16 kHz samples the model sees; a clear 4xx for bad audio."""
@@ -137,11 +218,16 @@ class TranscriptionService:
             if routed is None:
                 raise
             result = self._transcribe_on(lifecycle, samples, language, use_itn, None, hotwords, timestamps=timestamps)
-        if (version is None and routed is None and not hotwords.strip()
-                and (mirror := lifecycle.canary.mirror()) is not None):
+        if version is None and routed is None and not hotwords.strip():
+            self._mirror(lifecycle, samples, language, use_itn, result)
+        return result
+
+    def _mirror(self, lifecycle: ModelLifecycle, samples: NDArray[np.float32], language: str, use_itn: bool,
+                result: Transcription) -> None:
+        """A shadow's copy of a request the live version answered, when a shadow runs."""
+        if (mirror := lifecycle.canary.mirror()) is not None:
             canary_id, candidate = mirror
             self.shadow.submit(lifecycle, canary_id, candidate, samples, language, use_itn, result.text)
-        return result
 
     def _run_candidate(self, lifecycle: ModelLifecycle, version: str, samples: NDArray[np.float32],
                        language: str, use_itn: bool) -> tuple[str, float]:
