@@ -15,7 +15,6 @@ from math import gcd
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16_000
 INPUT_RATES = (16_000, 24_000)
@@ -79,6 +78,8 @@ class StreamResampler:
         usable -= (usable - self._context) % self._down  # whole output steps only
         if usable <= self._context:
             return np.zeros(0, np.float32)
+        from scipy.signal import resample_poly  # 24 kHz sessions only: scipy.signal costs ~1 s to import
+
         out = resample_poly(self._pending[: usable + self._pad], self._up, self._down).astype(np.float32)
         first = self._context * self._up // self._down
         last = usable * self._up // self._down
