@@ -32,11 +32,11 @@ SWAP_ERRORS = schemas.errors(400, 404, 409, 422, 503)
 ModelName = Annotated[str, Path(description="A model name (GET /admin/models lists them)", max_length=64)]
 
 
-def _model_param(model: ModelName) -> None:
+async def _model_param(model: ModelName) -> None:
     """Declares ``{model}`` on the named routes (their handlers read it through :func:`_lifecycle`)."""
 
 
-def _lifecycle(ctx: CtxDep, request: Request) -> ModelLifecycle:
+async def _lifecycle(ctx: CtxDep, request: Request) -> ModelLifecycle:
     """The model a route acts on: ``{model}`` of /admin/models/{model}/..., else the default model."""
     name = request.path_params.get("model")
     return ctx.lifecycle if name is None else ctx.models.get(name)

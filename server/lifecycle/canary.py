@@ -119,9 +119,13 @@ class CanaryControl:
     # -- routing (every worker) --------------------------------------------------------------
 
     def route(self, client_key: str) -> str | None:
-        """The candidate's version for a client in the canary's share, else None (the live one)."""
-        state = self.active()
+        """The candidate's version for a client in the canary's share, else None (the live one).
+        Without a staged candidate there is nothing to route to, and the file is not even looked at:
+        the common case costs no ``stat``."""
         candidate = self.host.holder.candidate
+        if candidate is None:
+            return None
+        state = self.active()
         if state is None or state.mode != "canary" or state.state != "running" or candidate is None \
                 or candidate.version != state.version:
             return None
@@ -129,8 +133,10 @@ class CanaryControl:
 
     def mirror(self) -> tuple[str, str] | None:
         """(canary id, version) when this request is one of the shadow's share, else None."""
-        state = self.active()
         candidate = self.host.holder.candidate
+        if candidate is None:
+            return None
+        state = self.active()
         if state is None or state.mode != "shadow" or state.state != "running" or candidate is None \
                 or candidate.version != state.version or random.random() * 100 >= state.percent:
             return None

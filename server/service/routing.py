@@ -33,6 +33,8 @@ def resolve(models: ModelSet, requested: str | None, pin: str | None = None,
     pipeline's name runs its stages (``X-Model-Version`` then pins its speech recognition stage)."""
     name = (requested or "").strip()
     version: str | None = None
+    if name in ("", *MODEL_ALIASES) and not (pin or "").strip():
+        return Target(models.default, None)  # the common request, decided without a look at the disk
     if pipelines is not None and PIN_SEPARATOR not in name and (found := pipelines.all().get(name)) is not None:
         stages = Stages(found.name, models.get(found.asr), models.get(found.vad) if found.vad else None,
                         models.get(found.punc) if found.punc else None)

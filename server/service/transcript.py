@@ -56,13 +56,17 @@ class Transcription:
     model_versions: dict[str, str] = field(default_factory=dict)  # a pipeline's stages: role -> NAME@VERSION
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        if self.pipeline is None:
-            del data["pipeline"], data["model_versions"]
-        if self.words is None:
-            del data["words"]
-        data["processing_ms"] = round(self.processing_ms, 2)
-        data["duration_s"] = round(self.duration_s, 3)
+        """Built field by field: ``dataclasses.asdict`` deep-copies every value, and cost a tenth of
+        a millisecond per request here."""
+        data: dict[str, Any] = {
+            "text": self.text, "raw_text": self.raw_text, "language": self.language, "emotion": self.emotion,
+            "events": self.events, "model": self.model, "model_version": self.model_version,
+            "duration_s": round(self.duration_s, 3), "processing_ms": round(self.processing_ms, 2),
+            "segments": [vars(segment) for segment in self.segments]}
+        if self.words is not None:
+            data["words"] = self.words
+        if self.pipeline is not None:
+            data["pipeline"], data["model_versions"] = self.pipeline, self.model_versions
         return data
 
 

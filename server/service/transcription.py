@@ -125,12 +125,12 @@ class TranscriptionService:
         return await self.pool.run(self._decode_and_transcribe, data, language, use_itn, version,
                                    lifecycle, client_key, hotwords, stages, timestamps)
 
-    def _transcribe_together(self, requests: Sequence[_Request]) -> list[Transcription | Exception]:
+    def _transcribe_together(self, requests: Sequence[_Request]) -> list[Transcription | Exception | None]:
         """Blocking, on an inference thread: requests of one model, language and pin that were
         queued together, decoded one by one and run as shared session calls, one per version a
         canary's split gives them (``run_together``). Each outcome is its request's own: audio that
         does not decode fails that request only."""
-        outcomes: list[Transcription | Exception] = [InvalidRequest("not run")] * len(requests)
+        outcomes: list[Transcription | Exception | None] = [None] * len(requests)
         groups: dict[str | None, list[tuple[int, NDArray[np.float32], str | None]]] = {}
         for index, request in enumerate(requests):
             try:
