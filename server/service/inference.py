@@ -9,9 +9,10 @@ request happens before it is admitted here, and a request costs one thread hop.
 Batching is continuous: a job submitted with a batch key waits in the same queue as any other,
 and the thread that takes it also takes the queued jobs with the same key (up to ``batch_max``),
 so requests that pile up while the model is busy run as one session call, and a lone request runs
-at once. Only when batchable requests have recently been arriving closer together than
-``batch_wait_s`` does a thread with an incomplete batch wait that long for more: at low load
-batching costs nothing, under load the queue forms the batches by itself.
+at once. Only while requests have mostly been arriving with others in flight (a smoothed share of
+arrivals that found the pool busy) does a thread with an incomplete batch wait up to
+``batch_wait_s`` for more: one client at a time never waits, however fast it sends, and under load
+the queue forms the batches by itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from server.errors import InferenceTimeout, Overloaded
@@ -32,7 +33,7 @@ from server.metrics import Metrics
 
 T = TypeVar("T")
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]  # items in, one result (or exception) per item out
-SMOOTHING = 0.2  # weight of the newest gap in the batchable arrivals' average
+SMOOTHING = 0.2  # weight of the newest arrival in the smoothed share of arrivals that found others in flight
 
 
 @dataclass(eq=False)
@@ -44,7 +45,6 @@ class _Job:
     key: Hashable | None = None  # a batchable one: its batch key, function and item
     batch: BatchFn | None = None
     item: Any = None
-    queued_at: float = field(default_factory=time.monotonic)
 
 
 class InferencePool:
@@ -60,9 +60,7 @@ class InferencePool:
         self._queue: deque[_Job] = deque()
         self._closed = False
         self._admitted = 0  # event-loop side: jobs submitted and not yet finished
-        self._running = 0
-        self._gap_s = float("inf")  # smoothed time between batchable arrivals
-        self._last_arrival = 0.0
+        self._overlap = 0.0  # smoothed share of batchable arrivals that found other jobs admitted
         self._threads = [threading.Thread(target=self._work, name=f"voxswap-infer-{n}", daemon=True)
                          for n in range(workers)]
         for thread in self._threads:
@@ -74,7 +72,8 @@ class InferencePool:
 
     @property
     def queued(self) -> int:
-        return max(0, self._admitted - self._running)
+        """Jobs waiting for a thread (the deque's length is read atomically)."""
+        return len(self._queue)
 
     def check_capacity(self) -> None:
         """Refuse when ``inference_workers + max_queue`` requests are already admitted."""
@@ -114,10 +113,7 @@ class InferencePool:
         job.future.add_done_callback(self._finished)
         with self._cond:
             if job.key is not None:
-                now = job.queued_at
-                if self._last_arrival:
-                    self._gap_s = min(self._gap_s, 60.0) * (1 - SMOOTHING) + (now - self._last_arrival) * SMOOTHING
-                self._last_arrival = now
+                self._overlap = self._overlap * (1 - SMOOTHING) + (self._admitted > 1) * SMOOTHING
             self._queue.append(job)
             self._cond.notify()
         self._publish()
@@ -131,8 +127,7 @@ class InferencePool:
 
     def _work(self) -> None:
         while (group := self._take()) is not None:
-            for job in group:
-                _tell(job.loop, self._started)
+            self._publish()  # from this thread: the gauge is thread-safe, and the loop need not wake for it
             first = group[0]
             if first.call is not None:
                 outcomes: Any = [_outcome(first.context, first.call)]
@@ -160,7 +155,7 @@ class InferencePool:
                 return group
             self._gather(group)
             deadline = time.monotonic() + self.batch_wait_s
-            while (len(group) < self.batch_max and self._gap_s < self.batch_wait_s and not self._closed
+            while (len(group) < self.batch_max and self._overlap > 0.5 and not self._closed
                    and (left := deadline - time.monotonic()) > 0):
                 self._cond.wait(left)  # arrivals notify; more may join
                 self._gather(group)
@@ -176,14 +171,8 @@ class InferencePool:
 
     # -- the event loop's bookkeeping --------------------------------------------------------------
 
-    def _started(self) -> None:
-        self._running += 1
-        self._publish()
-
     def _finished(self, _: object) -> None:
         self._admitted -= 1
-        self._running = max(0, self._running - 1)
-        self._publish()
 
     def _publish(self) -> None:
         self.metrics.queue_depth.set(self.queued)

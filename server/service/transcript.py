@@ -194,9 +194,10 @@ class FileTranscription:
         events = list(dict.fromkeys(e for p in tagged for e in p.events))
         separator = "" if language in ("zh", "yue", "ja") else " "
         text = separator.join(s.text for s in segments) if self._tagged else join_texts([s.text for s in segments])
-        log.debug("transcribed", extra={"event": "transcribed", "model": self._model.name, "version": version,
-                                        "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
-                                        "segments": len(spans)})
+        if log.isEnabledFor(logging.DEBUG):  # the extra dict is not built for a line nobody logs
+            log.debug("transcribed", extra={"event": "transcribed", "model": self._model.name, "version": version,
+                                            "audio_s": round(duration, 3), "inference_s": round(elapsed, 4),
+                                            "segments": len(spans)})
         return Transcription(
             text=text, raw_text=" ".join(raws), language=language,
             emotion=_most_common([p.emotion for p in tagged]), events=events, model=self._model.name,
