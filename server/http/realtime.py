@@ -94,7 +94,8 @@ async def _serve(ctx: AppContext, websocket: WebSocket, session: StreamSession) 
                     await asyncio.wait_for(session.decoder.idle.wait(), settings.inference_timeout_s)
                     return SERVICE_RESTART, "server shutting down: reconnect to continue"
             receiving = receiving or asyncio.create_task(websocket.receive())
-            done, _ = await asyncio.wait({receiving, drain}, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {receiving} if session.draining else {receiving, drain}  # a finished task would spin the loop
+            done, _ = await asyncio.wait(waiting, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
             if receiving in done:
                 message, receiving = receiving.result(), None
                 if message["type"] == "websocket.disconnect":
