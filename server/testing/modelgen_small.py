@@ -15,6 +15,8 @@ the tiny stand-ins: ``ctc_logits = 20 * one_hot(text path) + MIX_SCALE * ctc_lo(
 ``tp_norm`` (unit gain) every encoder frame has norm sqrt(512), so by Cauchy-Schwarz the encoder
 term is bounded by ~0.2, far below the margin of 20: it never changes the argmax, yet it depends on
 the input, so onnxruntime must run every block of the encoder and the CTC head on every request.
+Like the tiny stand-ins it carries sherpa-onnx's metadata and ``tokens.txt`` (padded to the head's
+25,055 ids), so sherpa-onnx's C++ recognizer runs the same file (``bench/sherpa.py``).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def make_sensevoice_small(out_dir: Path, spec: SmallSpec) -> Path:
     (out_dir / "config.yaml").write_text(_config_yaml(spec))
     (out_dir / "am.mvn").write_text(identity_cmvn())
     sp = base._train_tokenizer(out_dir / base.BPE_FILE, [spec.text, spec.withitn_text])
+    base.write_tokens(out_dir / base.TOKENS_FILE, sp, VOCAB_SIZE)  # for sherpa-onnx, as modelgen's stand-ins
     g = _Graph(np.random.default_rng(spec.seed))
     _text_path(g, spec, sp)
     _encoder(g, spec)
@@ -195,6 +198,8 @@ class _Graph:
 
 
 def _props(spec: SmallSpec, params: int) -> dict[str, str]:
+    from server.testing.modelgen import sherpa_metadata
+
     return {
         "voxswap_test_model": "1",
         "arch": "sensevoice-small",
@@ -206,6 +211,7 @@ def _props(spec: SmallSpec, params: int) -> dict[str, str]:
         "parameters": str(params),
         "num_blocks": str(spec.num_blocks),
         "tp_blocks": str(spec.tp_blocks),
+        **sherpa_metadata(VOCAB_SIZE, identity_cmvn(), "voxswap stand-in with SenseVoice-small's architecture"),
     }
 
 
