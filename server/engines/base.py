@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from server.engines.session import Session, SessionConfig, building
 from server.speech.words import Word
 from server.vocab import ModelKind
 
@@ -59,17 +60,28 @@ class BaseEngine:
     device: str
     onnxruntime_version: str
     metadata: dict[str, str]
+    # per session, in funasr-onnx's order: {"source": the original file, "loaded": the file loaded
+    # (relative to the version), "prepared", "optimised_at_load", "reason": why the stored prepared
+    # graph was not used as it was (the original loaded instead, or the graph made again)}
+    sessions: list[dict[str, Any]]
 
-    def _describe_session(self, session: Any, model_file: str, device: str) -> None:
-        """Fill the fields every engine reports from its (main) onnxruntime session."""
+    def _describe_sessions(self, sessions: list[Session], model_file: str, device: str) -> None:
+        """Fill the fields every engine reports from its sessions (the first is its main one)."""
         import onnxruntime
 
+        session = sessions[0].session
         providers = list(session.get_providers())
         self.model_file = model_file
         self.providers = providers
         self.device = device if device != "cpu" and "CUDAExecutionProvider" in providers else "cpu"
         self.onnxruntime_version = onnxruntime.__version__
         self.metadata = dict(session.get_modelmeta().custom_metadata_map)
+        self.sessions = [dict(s.info) for s in sessions]
+
+    @property
+    def prepared(self) -> bool:
+        """Whether every session was built from a prepared graph (mapped weights, no optimisation at load)."""
+        return all(s["prepared"] for s in self.sessions)
 
     def close(self) -> None:
         """Drop the session so its memory can be given back; the engine is unusable afterwards."""
@@ -179,21 +191,33 @@ def device_id(device: str) -> str:
 
 
 def load_funasr(class_name: str, model_dir: Path, *, model_file: str, threads: int, device: str,
-                quiet: tuple[type[Warning], ...] = (RuntimeWarning,)) -> Any:
+                config: SessionConfig | None = None, quiet: tuple[type[Warning], ...] = (RuntimeWarning,),
+                ) -> tuple[Any, list[Session]]:
     """One funasr-onnx model class (``class_name`` of ``funasr_onnx``) built on a version folder, the
-    same way for every family: its cached am.mvn statistics dropped first (funasr-onnx caches them by
-    path; a version removed and re-added under one name must not reuse the old ones), the warnings
-    in ``quiet`` ignored (a CUDA fallback shows in the providers instead), and any failure an
-    :class:`EngineLoadError` (funasr-onnx and onnxruntime raise many unrelated types)."""
+    same way for every family, and its sessions (the main one first).
+
+    The sessions are built by :mod:`server.engines.session` (explicit options; a prepared graph where
+    ``config`` names one), never by funasr-onnx: its class runs its own ``__init__`` (config, front
+    end, tokenizer) while the session class it looks up is swapped for ours (see that module), so
+    no session is ever built from the original file and then thrown away. Before that, its cached
+    am.mvn statistics are dropped (funasr-onnx caches them by path; a version removed and re-added
+    under one name must not reuse the old ones); the warnings in ``quiet`` are ignored; any failure
+    is an :class:`EngineLoadError` (funasr-onnx and onnxruntime raise many unrelated types).
+    """
     import funasr_onnx
     from funasr_onnx.utils.frontend import load_cmvn
 
     load_cmvn.cache_clear()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), building(model_dir, threads=threads, device=device,
+                                                 config=config or SessionConfig()) as sessions:
             for category in quiet:
                 warnings.simplefilter("ignore", category)
-            return getattr(funasr_onnx, class_name)(model_dir=str(model_dir), quantize=model_file == "model_quant.onnx",
-                                                    intra_op_num_threads=threads, device_id=device_id(device))
+            model = getattr(funasr_onnx, class_name)(
+                model_dir=str(model_dir), quantize=model_file == "model_quant.onnx", intra_op_num_threads=threads,
+                device_id=device_id(device))
     except Exception as exc:
         raise EngineLoadError(f"{type(exc).__name__}: {exc}") from exc
+    if not sessions:  # funasr-onnx (pinned) changed how it builds sessions: say so rather than guess
+        raise EngineLoadError(f"funasr-onnx's {class_name} built its sessions itself; voxswap cannot configure them")
+    return model, sessions

@@ -39,6 +39,7 @@ from server.engines.base import (
     normalise_hotwords,
     offsets_for,
 )
+from server.engines.session import SessionConfig
 from server.speech import words
 from server.speech.words import Word
 from server.vocab import ModelKind
@@ -52,20 +53,17 @@ class ParaformerEngine(AsrEngine):
     kind: ClassVar[ModelKind] = ModelKind.PARAFORMER
     funasr_class: ClassVar[str] = "Paraformer"  # the funasr-onnx class of the family
 
-    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        self._model = load_funasr(self.funasr_class, model_dir, model_file=model_file, threads=threads,
-                                  device=device)
-        session = self._session()
-        self._describe_session(session, model_file, device)
-        self._timestamps = len(session.get_outputs()) == TIMESTAMP_OUTPUTS
+    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu",
+                 config: SessionConfig | None = None):
+        self._model, sessions = load_funasr(self.funasr_class, model_dir, model_file=model_file, threads=threads,
+                                            device=device, config=config)
+        self._describe_sessions(sessions, model_file, device)  # the backbone first, then any hotword embedder
+        self._timestamps = len(sessions[0].get_output_names()) == TIMESTAMP_OUTPUTS
 
     @property
     def gives_timestamps(self) -> bool:
         """Whether the graph has the BiCif timestamp outputs (``us_alphas``, ``us_cif_peak``)."""
         return self._timestamps
-
-    def _session(self) -> Any:
-        return self._model.ort_infer.session
 
     def _run(self, waveform: Waveform, hotwords: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._model(waveform)
@@ -144,9 +142,6 @@ class ParaformerEngine(AsrEngine):
 class SeacoParaformerEngine(ParaformerEngine):
     kind: ClassVar[ModelKind] = ModelKind.SEACO_PARAFORMER
     funasr_class: ClassVar[str] = "SeacoParaformer"
-
-    def _session(self) -> Any:
-        return self._model.ort_infer_bb.session
 
     def _run(self, waveform: Waveform, hotwords: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._model(waveform, hotwords=hotwords)

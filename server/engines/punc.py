@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import ClassVar
 
 from server.engines.base import PuncEngine, load_funasr
+from server.engines.session import SessionConfig
 from server.vocab import ModelKind
 
 
 class CtPuncEngine(PuncEngine):
     kind: ClassVar[ModelKind] = ModelKind.CT_PUNC
 
-    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
+    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu",
+                 config: SessionConfig | None = None):
         # ResourceWarning: jieba.load_userdict leaves its file open
-        self._model = load_funasr("CT_Transformer", model_dir, model_file=model_file, threads=threads,
-                                  device=device, quiet=(RuntimeWarning, ResourceWarning))
-        self._describe_session(self._model.ort_infer.session, model_file, device)
+        self._model, sessions = load_funasr("CT_Transformer", model_dir, model_file=model_file, threads=threads,
+                                            device=device, config=config, quiet=(RuntimeWarning, ResourceWarning))
+        self._describe_sessions(sessions, model_file, device)
 
     def punctuate(self, text: str) -> str:
         """``text`` with punctuation; funasr-onnx's rules apply (the answer ends in a full stop or a

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from server.engines.base import SAMPLE_RATE, AsrEngine, EngineLoadError, Waveform, load_funasr, offsets_for
+from server.engines.session import SessionConfig
 from server.speech import words
 from server.speech.words import Word
 from server.vocab import ModelKind
@@ -29,10 +30,11 @@ class Engine(AsrEngine):
     kind: ClassVar[ModelKind] = ModelKind.SENSEVOICE
     tagged: ClassVar[bool] = True
 
-    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        self._model = load_funasr("SenseVoiceSmall", model_dir, model_file=model_file, threads=threads,
-                                  device=device)
-        self._describe_session(self._model.ort_infer.session, model_file, device)
+    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu",
+                 config: SessionConfig | None = None):
+        self._model, sessions = load_funasr("SenseVoiceSmall", model_dir, model_file=model_file, threads=threads,
+                                            device=device, config=config)
+        self._describe_sessions(sessions, model_file, device)
 
     @property
     def gives_timestamps(self) -> bool:

@@ -24,15 +24,18 @@ from funasr_onnx.utils.e2e_vad import E2EVadModel
 from funasr_onnx.utils.frontend import WavFrontendOnline
 
 from server.engines.base import MIN_SAMPLES, EngineInferenceError, VadEngine, Waveform, load_funasr
+from server.engines.session import SessionConfig
 from server.vocab import ModelKind
 
 
 class FsmnVadEngine(VadEngine):
     kind: ClassVar[ModelKind] = ModelKind.FSMN_VAD
 
-    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu"):
-        self._model = load_funasr("Fsmn_vad", model_dir, model_file=model_file, threads=threads, device=device)
-        self._describe_session(self._model.ort_infer.session, model_file, device)
+    def __init__(self, model_dir: Path, *, model_file: str, threads: int, device: str = "cpu",
+                 config: SessionConfig | None = None):
+        self._model, sessions = load_funasr("Fsmn_vad", model_dir, model_file=model_file, threads=threads,
+                                            device=device, config=config)
+        self._describe_sessions(sessions, model_file, device)
         self._config: dict[str, Any] = yaml.safe_load((model_dir / "config.yaml").read_text())
         self._cmvn = str(model_dir / "am.mvn")
 

@@ -51,6 +51,9 @@ class ModelStatus(Closed):
     model_file: str | None
     device: str
     providers: list[str]
+    sessions: list[dict[str, Any]] = Field(description="The live version's onnxruntime sessions: the file each "
+                                           "came from (source), what was loaded (loaded), whether it was a prepared "
+                                           "graph (prepared, optimised_at_load) and, if not, why (reason)")
     generated: bool = Field(description="The live version is a generated stand-in (make-test-model, the seeded "
                                         "demo), not real speech recognition")
     smoke: SmokeReport | None

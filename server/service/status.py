@@ -80,6 +80,7 @@ def model_status(ctx: AppContext, lifecycle: ModelLifecycle) -> dict[str, Any]:
         "model_file": live.engine.model_file if live else None,
         "device": live.engine.device if live else ctx.settings.device,
         "providers": live.engine.providers if live else [],
+        "sessions": [dict(session) for session in live.engine.sessions] if live else [],
         "generated": _generated(lifecycle),
         "smoke": live.smoke.to_json() if live else None,
         "versions": [m.name for m in lifecycle.registry.versions()],

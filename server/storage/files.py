@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,45 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stat_signature(path: Path) -> list[int]:
+    """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime (no write,
+    chmod, touch or copy keeps ctime, and ctime cannot be set back)."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class HashCheck:
+    """Whether files have the size and sha256 a record gives them, each file hashed once while its
+    stat signature stays the same: re-hashing a 900 MB model on every swap or rollback would take
+    a core away from serving for about two seconds. Safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._hashed: dict[tuple[str, str], list[int]] = {}  # (path, sha256) -> stat signature
+        self._lock = threading.Lock()
+
+    def problem(self, path: Path, size: int, sha256: str, *, hashed_at: list[int] | None = None) -> str:
+        """"" when ``path`` matches, else what is wrong with it ("is missing", ...). ``hashed_at``: the
+        signature the file had when its writer hashed it (then unchanged means unchanged since)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "is missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_size != size:
+            return "has the wrong size"
+        key = (str(path), sha256)
+        signature = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        with self._lock:
+            if signature in (self._hashed.get(key), hashed_at):
+                return ""
+        if sha256_file(path) != sha256:
+            return "fails its sha256 check"
+        with self._lock:
+            self._hashed[key] = signature
+        return ""
 
 
 def fsync_dir(path: Path) -> None:
@@ -127,7 +167,7 @@ def owned_folder(path: Path, *, create: bool = True) -> Iterator[Path]:
             path.mkdir()
         yield path
     finally:
-        _remove_tree(path)
+        remove_tree(path)
         lock_path.unlink(missing_ok=True)
         os.close(fd)
 
@@ -148,7 +188,7 @@ def remove_unowned(parent: Path) -> list[str]:
         lock_path = entry.with_name(entry.name + LOCK_SUFFIX)
         with _unowned(lock_path, missing_means_unowned=True) as orphaned:
             if orphaned:
-                if _remove_tree(entry):  # (not if its owner just published it and let go)
+                if remove_tree(entry):  # (not if its owner just published it and let go)
                     removed.append(entry.name)
                 lock_path.unlink(missing_ok=True)  # after the folder: never a folder without its lock
     for lock_path in parent.glob("*" + LOCK_SUFFIX):
@@ -214,7 +254,7 @@ def _unowned(path: Path, *, missing_means_unowned: bool = False) -> Iterator[boo
         os.close(fd)
 
 
-def _remove_tree(path: Path) -> bool:
+def remove_tree(path: Path) -> bool:
     """Remove a file or folder, read-only files (a staged or removed version) included; False when
     there was nothing to remove."""
     if path.is_dir() and not path.is_symlink():
@@ -228,10 +268,15 @@ def _remove_tree(path: Path) -> bool:
     return True
 
 
+READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
 def make_read_only(root: Path) -> None:
+    """Every file under ``root`` read-only; one that already is keeps its ctime (a chmod moves it,
+    and a file's stat signature is how its checksum is trusted without hashing: see HashCheck)."""
     for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != READ_ONLY:
+            path.chmod(READ_ONLY)
 
 
 def make_writable(root: Path) -> None:

@@ -104,6 +104,9 @@ class Manifest:
     smoke: list[SmokeClip]
     metadata: dict[str, Any] = field(default_factory=dict)
     kind: str = ModelKind.SENSEVOICE  # absent from manifests older releases wrote: all were SenseVoice
+    # the graphs add prepared for its host (server.storage.prepared records; absent before them). Not
+    # part of files: verify checks the originals, and a load checks a prepared graph by its own record
+    prepared: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -120,10 +123,17 @@ class Manifest:
         return found[0]
 
     def to_json(self) -> dict[str, Any]:
+        """The version as the admin API answers it (its prepared graphs are in :meth:`to_file`)."""
         data = asdict(self)
+        data.pop("prepared")
         data["smoke"] = [clip.to_json() for clip in self.smoke]
         data["total_bytes"] = self.total_bytes
         return data
+
+    def to_file(self) -> dict[str, Any]:
+        """manifest.json: :meth:`to_json` and the prepared graphs, when there are any (a manifest of
+        earlier releases has no such key, and they read only the keys they know)."""
+        return {**self.to_json(), **({"prepared": self.prepared} if self.prepared else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -135,6 +145,7 @@ class Manifest:
             smoke=[SmokeClip.from_json(clip) for clip in data.get("smoke", [])],
             metadata=dict(data.get("metadata", {})),
             kind=str(data.get("kind", ModelKind.SENSEVOICE)),
+            prepared=list(data.get("prepared", [])),
         )
 
 

@@ -4,6 +4,8 @@ Layout (all under one root folder)::
 
     versions/<name>/            immutable once added; files are made read-only
         manifest.json           name, created_at, source, every file's size and sha256, smoke clips
+        prepared/               graphs optimised for a host, derived from the originals (see
+                                server.storage.prepared): never verified here, made again if damaged
     state.json                  {"current", "previous", "generation", ...}, replaced atomically
     history.jsonl               append-only: every add, promote, rollback, refusal and removal
                                 (the events are server.vocab.HistoryEvent), each naming its model
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import tarfile
 import time
 import uuid
@@ -47,9 +48,10 @@ from server.errors import (
     UnexpectedCurrent,
     VerificationFailed,
 )
-from server.storage import goldens
+from server.storage import goldens, prepared
 from server.storage.archive import unpack_version
 from server.storage.files import (
+    HashCheck,
     fsync_dir,
     make_read_only,
     owned_folder,
@@ -70,6 +72,7 @@ from server.storage.manifest import (
     validate_name,
     validate_new_name,
 )
+from server.storage.prepared import GraphMaker
 from server.vocab import HistoryEvent, ModelKind
 
 ANY_CURRENT: Any = object()  # "no expectation" for compare-and-swap: any current version will do
@@ -102,7 +105,10 @@ class Registry:
         self.history_path = self.root / "history.jsonl"
         self.staging_dir = self.root / ".staging"
         self._lock = FileLock(str(self.root / ".lock"), timeout=lock_timeout_s)
-        self._verified: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._checks = HashCheck()
+        # how add prepares graphs for this host (server.storage.prepared): storage cannot use the
+        # engines, so a layer that can sets it (the CLI's add passes one, a server's builder sets it)
+        self.preparer: GraphMaker | None = None
 
     @property
     def lock(self) -> FileLock:
@@ -175,31 +181,15 @@ class Registry:
         return events[-limit:] if limit else events
 
     def verify(self, name: str) -> Manifest:
-        """Every file's size and sha256 against the manifest; raise on the first mismatch.
-
-        A file this process already hashed is not hashed again while its inode, size, mtime and
-        ctime are unchanged: any write, chmod or touch moves ctime, and re-hashing a 900 MB model on
-        every swap or rollback would take a core away from serving for about a second.
-        """
+        """Every original file's size and sha256 against the manifest; raise on the first mismatch.
+        A file this process hashed before is not hashed again while unchanged (see HashCheck).
+        Prepared graphs are not checked here: a load checks the ones it uses, and falls back."""
         manifest = self.manifest(name)
         root = self.version_dir(name)
         for entry in manifest.files:
-            path = root / entry["path"]
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                raise VerificationFailed(f"version {name!r}: {entry['path']} is missing") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise VerificationFailed(f"version {name!r}: {entry['path']} is not a regular file")
-            if st.st_size != entry["size"]:
-                raise VerificationFailed(f"version {name!r}: {entry['path']} has the wrong size")
-            key = (str(path), entry["sha256"])
-            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if self._verified.get(key) == signature:
-                continue
-            if sha256_file(path) != entry["sha256"]:
-                raise VerificationFailed(f"version {name!r}: {entry['path']} fails its sha256 check")
-            self._verified[key] = signature
+            problem = self._checks.problem(root / entry["path"], int(entry["size"]), entry["sha256"])
+            if problem:
+                raise VerificationFailed(f"version {name!r}: {entry['path']} {problem}")
         return manifest
 
     # -- writing --------------------------------------------------------------------------------
@@ -214,6 +204,7 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         actor: str = "cli",
         kind: str | None = None,
+        prepare: GraphMaker | None = None,
     ) -> Manifest:
         """Copy a model folder in as an immutable version. A crash leaves no half version behind.
 
@@ -221,7 +212,9 @@ class Registry:
         (a transcript; for ct-punc the file is text and the answer punctuated text; for fsmn-vad
         the answer is the segments as JSON). The folder's kind is ``kind`` when given (its files are
         checked for it), else detected from its files; a model holds one kind, so a version of another
-        kind is refused here.
+        kind is refused here. With ``prepare`` (else :attr:`preparer`) the graphs this host loads are
+        prepared beside the originals (a ``prepared/`` folder sent along is never copied: a graph made
+        elsewhere is not trusted here); a failure to prepare leaves the version without them.
         The copy is built in a folder of ``.staging`` this process owns (see :meth:`work_folder`),
         so a process killed mid-copy leaves nothing that a later :meth:`clean_staging` would spare.
         """
@@ -242,7 +235,7 @@ class Registry:
         self.clean_staging()  # a killed add's model-sized copy goes now, not at the next server start
         try:
             with self.work_folder(name) as staging:
-                shutil.copytree(src, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"), dirs_exist_ok=True)
+                shutil.copytree(src, staging, ignore=prepared.originals_only(src), dirs_exist_ok=True)
                 clips = self._collect_smoke(staging, list(smoke), found)
                 files = [
                     {"path": rel, "size": (staging / rel).stat().st_size, "sha256": sha256_file(staging / rel)}
@@ -257,7 +250,8 @@ class Registry:
                     metadata={**({"generated": True} if is_generated(staging) else {}), **(metadata or {})},
                     kind=found,
                 )
-                write_json_atomic(staging / MANIFEST, manifest.to_json())
+                manifest = prepared.prepare_added(staging, manifest, prepare or self.preparer, model=self.model)
+                write_json_atomic(staging / MANIFEST, manifest.to_file())
                 make_read_only(staging)
                 os.rename(staging, self.versions_dir / name)
                 fsync_dir(self.versions_dir)
@@ -266,7 +260,7 @@ class Registry:
                 raise Conflict(f"version {name!r} already exists") from exc
             raise RegistryError(f"could not add version {name!r}: {exc.strerror or exc}") from exc
         self.record(HistoryEvent.ADD, version=name, actor=actor, outcome="success", bytes=manifest.total_bytes,
-                    smoke_clips=len(clips))
+                    smoke_clips=len(clips), prepared_graphs=len(manifest.prepared))
         return manifest
 
     def add_archive(self, archive: Path, name: str, *, actor: str = "api", kind: str | None = None) -> Manifest:
@@ -410,6 +404,8 @@ class Registry:
     def export_archive(self, name: str, out: Path) -> Path:
         """A tar.gz of a version folder, manifest included, as ``POST /admin/model/versions`` takes."""
         root = self.version_dir(name)
+        skip = root / prepared.PREPARED_DIR  # made for this host: the receiving one prepares its own
         with tarfile.open(out, "w:gz") as tar:
-            tar.add(root, arcname=name)
+            tar.add(root, arcname=name, filter=lambda m: None if Path(root.parent, m.name).is_relative_to(skip) else m)
         return out
+

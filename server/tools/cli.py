@@ -16,7 +16,7 @@ from filelock import Timeout
 from pydantic import ValidationError
 
 from server.errors import VoxswapError
-from server.tools.cli_models import add_make_test_model, golden_pairs
+from server.tools.cli_models import add_make_test_model, add_prepare_command, golden_pairs, graph_maker
 from server.tools.cli_pipelines import add_pipeline_commands
 from server.vocab import HistoryEvent
 
@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("out", type=Path)
     exp.set_defaults(func=_registry_export)
+    add_prepare_command(rsub, _registry_arg, _registry, _settings)
     add_pipeline_commands(sub, _registry_arg, _catalog)
     can = sub.add_parser("canary", help="canary or shadow rollouts on a running server")
     can.add_argument("canary_command", choices=["start", "status", "stop"])
@@ -237,11 +238,12 @@ def _registry_add(args: argparse.Namespace) -> int:
             print(f"error: {clips}", file=sys.stderr)
             return 2
         registry = _catalog(args).open_or_create(args.model, kind)
-        manifest = registry.add(args.src, args.version, smoke=clips, kind=kind)
+        manifest = registry.add(args.src, args.version, smoke=clips, kind=kind, prepare=graph_maker(_settings(args)))
     noun = {ModelKind.CT_PUNC: "golden text(s)"}.get(kind, "smoke clip(s)")
     print(f"added {manifest.name} to model {registry.model} ({manifest.kind}): {len(manifest.files)} files, "
           f"{manifest.total_bytes} bytes, {len(manifest.smoke)} {noun}"
-          + ("" if manifest.smoke else " (no golden clip)"))
+          + ("" if manifest.smoke else " (no golden clip)")
+          + f", {len(manifest.prepared)} graph(s) prepared for this host")
     return 0
 
 
@@ -277,7 +279,7 @@ def _model_listing(registry: Any) -> dict[str, Any]:
 
 
 def _registry_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_registry(args).manifest(args.name).to_json(), indent=2))
+    print(json.dumps(_registry(args).manifest(args.name).to_file(), indent=2))  # as manifest.json holds it
     return 0
 
 

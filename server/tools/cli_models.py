@@ -1,11 +1,12 @@
-"""The CLI's model-kind plumbing: ``make-test-model`` for every kind, and the goldens ``registry add``
-is given on the command line, each in its kind's form."""
+"""The CLI's model plumbing: ``make-test-model`` for every kind, the goldens ``registry add`` is given
+on the command line (each in its kind's form), and ``registry prepare``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,42 @@ def golden_pairs(args: argparse.Namespace, kind: Any, tmp: Path) -> list[tuple[P
     if len(args.smoke_audio) != len(args.smoke_text):
         return "give one --smoke-text per --smoke-audio"
     return list(zip(args.smoke_audio, args.smoke_text, strict=True))
+
+
+def graph_maker(settings: Any) -> Any:
+    """How ``registry add`` prepares this host's graphs (None with ``prepare_on_add`` off)."""
+    if not settings.prepare_on_add:
+        return None
+    from server.lifecycle.builder import graph_maker as make
+
+    return make(settings.device, settings.prefer_quantized)
+
+
+def add_prepare_command(rsub: Any, registry_arg: Callable[[argparse.ArgumentParser], None],
+                        registry: Callable[[argparse.Namespace], Any],
+                        settings: Callable[[argparse.Namespace], Any]) -> None:
+    cmd = rsub.add_parser("prepare", help="prepare a version's graphs for this host (onnxruntime, CPU) if it "
+                                          "has none, or theirs are damaged")
+    registry_arg(cmd)
+    cmd.add_argument("name")
+    cmd.set_defaults(func=lambda args: _prepare(args, registry(args), settings(args)))
+
+
+def _prepare(args: argparse.Namespace, registry: Any, settings: Any) -> int:
+    """What a server's load would do with ``prepare_on_load``, ahead of it: the originals verified,
+    then each graph this host loads checked and made again where it is not usable."""
+    from server.lifecycle.builder import graph_maker as make
+    from server.storage import prepared
+
+    manifest = registry.verify(args.name)
+    root = registry.version_dir(args.name)
+    choices = prepared.choose(root, manifest, manifest.model_file(settings.prefer_quantized),
+                              make(settings.device, settings.prefer_quantized), prepare_missing=True,
+                              work=registry.work_folder)
+    for choice in choices:
+        if choice.graph is None:
+            print(f"{choice.source}: not prepared: {choice.reason}", file=sys.stderr)
+        else:
+            done = f"prepared now ({choice.reason})" if choice.prepared_now else "already prepared for this host"
+            print(f"{choice.source}: {choice.graph.relative_to(root)}: {done}")
+    return 0 if all(choice.graph for choice in choices) else 1

@@ -98,8 +98,12 @@ def test_with_nothing_live_a_lease_is_refused_with_the_reason(build: Callable[[s
 def test_retiring_a_model_gives_its_memory_back(
     build: Callable[[str], LoadedModel], registry: Registry, settings: Settings, model_dir: Callable[..., Path]
 ) -> None:
-    """What a swap reports as freed is the resident memory the old engine really held."""
+    """What a swap reports as freed is the resident memory the old engine really held. Loaded from the
+    original file: the --weights-mb stand-in reads its weights through one Gather row, so mapped from a
+    prepared graph they would never become resident and there would be nothing to give back."""
+    registry.preparer = None  # added and loaded as before prepared graphs
     registry.add(model_dir("a big model", weights_mb=64), "big")
+    settings = settings.model_copy(update={"prepare_on_load": False, "prepare_on_add": False})
     builder = CandidateBuilder(registry, settings, Metrics().for_model("sensevoice"))
     holder = _holder()
     holder.flip(builder.build("big", SwapReport(version="big", from_version=None, event="test")))
