@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,10 +19,11 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.settings import Settings
+from server.storage.registry import Registry
 from server.testing import synth
 from testkit.harness import serve_in_thread
 from tests.conftest import TEXT_A
-from tests.realtime_helpers import TRANSCRIPTION, espeak, realtime, session_update, turns
+from tests.realtime_helpers import TRANSCRIPTION, Session, espeak, realtime, session_update, turns
 
 COMPLETED, DELTA, FAILED = f"{TRANSCRIPTION}.completed", f"{TRANSCRIPTION}.delta", f"{TRANSCRIPTION}.failed"
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Please call Stella and ask her to bring these things.",
@@ -225,3 +227,28 @@ def test_limits_refuse_the_handshake_or_close_with_a_reason(server: Callable[...
     asyncio.run(scenario())
     # a refusal is an answer, not a server error: uvicorn's "without completing handshake" line is not logged
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+def test_a_turn_waits_for_a_busy_pool_where_a_request_is_refused(
+        server: Callable[..., str], registry: Registry, model_dir: Callable[..., Path]) -> None:
+    """Sessions are bounded by their own limit: a piece of a spoken turn queues for the model, while
+    an HTTP request beyond the pool's places is refused (503) as before."""
+    registry.add(model_dir("slow model speaking", compute_ms=250), "slow")
+    registry.promote("slow")
+    url = server(inference_workers=1, max_queue=0)
+    long_clip = synth.wav_bytes(synth.speech_like(10.0, seed=2))  # ~2.5 s of model time
+    clip = synth.wav_bytes(synth.speech_like(1.0, seed=3))
+
+    async def scenario() -> tuple[int, Session]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http, realtime(url, session_update()) as session:
+            busy = asyncio.create_task(http.post("/api/transcribe", files={"file": ("long.wav", long_clip)}))
+            await asyncio.sleep(0.5)
+            refused = await http.post("/api/transcribe", files={"file": ("c.wav", clip)})
+            await session.append(np.concatenate([synth.speech_like(1.5, seed=4), synth.silence(1.0)]), pace=None)
+            await session.wait_count(COMPLETED, 1, timeout=30)
+            assert (await busy).status_code == 200
+            return refused.status_code, session
+
+    refused, session = asyncio.run(scenario())
+    assert refused == 503
+    assert not session.of(FAILED) and session.of(COMPLETED)[0]["model_version"] == "slow"

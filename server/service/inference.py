@@ -92,6 +92,17 @@ class InferencePool:
         result: T = await self._submit(fill)
         return result
 
+    async def run_bounded(self, fn: Callable[..., T], *args: object) -> T:
+        """:meth:`run` for work its caller already bounds, so it waits its turn instead of being refused:
+        a realtime session's pieces (one at a time per session, ``realtime_max_sessions`` sessions).
+        Refusing one would fail a turn the client already spoke, deltas sent; it still counts as
+        admitted, so requests see a busier server."""
+        def fill(job: _Job) -> None:
+            job.call = lambda: fn(*args)
+
+        result: T = await self._submit(fill, check=False)
+        return result
+
     async def run_batched(self, key: Hashable, batch: BatchFn, item: Any) -> Any:
         """Run ``item`` through ``batch`` together with the queued items of the same ``key``: the
         batch function gets them all and answers each (an exception for one fails that one only)."""
@@ -103,8 +114,9 @@ class InferencePool:
 
         return await self._submit(fill)
 
-    async def _submit(self, fill: Callable[[_Job], None]) -> Any:
-        self.check_capacity()
+    async def _submit(self, fill: Callable[[_Job], None], *, check: bool = True) -> Any:
+        if check:
+            self.check_capacity()
         loop = asyncio.get_running_loop()
         # the thread runs the job in a copy of this context: every log line keeps its request id
         job = _Job(loop, loop.create_future(), contextvars.copy_context())

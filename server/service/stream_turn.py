@@ -129,7 +129,7 @@ class TurnDecoder:
         short = job.final and turn.texts and len(job.samples) < MIN_PIECE_SAMPLES
         if not self.abandoned and turn.failure is None and turn.asr is not None and len(job.samples) and not short:
             try:
-                result = await self._pool.run(functools.partial(
+                result = await self._pool.run_bounded(functools.partial(
                     self._service.transcribe_piece, turn.asr, job.samples, language=turn.language, punc=turn.punc))
             except VoxswapError as exc:
                 turn.fail(exc.code or "transcription_failed", exc.message)
