@@ -180,6 +180,29 @@ def generate(root: Path, weights_mb: int, compute_ms: float, *, refusals: bool) 
     return models
 
 
+def faithful(root: Path, *, quantized: bool, refusals: bool) -> ModelSet:
+    """Two versions of the stand-in with SenseVoice-small's real architecture and cost (234M
+    parameters, ``make-test-model --arch sensevoice-small``), different texts and weights: int8
+    (``model_quant.onnx`` only, as a deployment of the int8 export) or fp32 (``model.onnx`` only)."""
+    from server.testing.modelgen_small import SmallSpec, make_sensevoice_small
+
+    model_file = "model_quant.onnx" if quantized else "model.onnx"
+    folders = []
+    for name, text, seed in (("a", TEXT_A, 1), ("b", TEXT_B, 2)):
+        folder = make_sensevoice_small(root / f"{name}-small-{model_file}", SmallSpec(text, quantize=quantized,
+                                                                                     seed=seed))
+        if quantized:
+            (folder / "model.onnx").unlink()  # the registry copies and hashes what the folder holds
+        folders.append(folder)
+    a, b = folders
+    models = ModelSet(a, b, model_file, {"a": TEXT_A, "b": TEXT_B}, (a / model_file).stat().st_size,
+                      "SenseVoice-small stand-in (real architecture, 234M parameters, "
+                      f"{'int8' if quantized else 'fp32'} {(a / model_file).stat().st_size / 2**20:.0f} MiB)")
+    if refusals:
+        add_refusals(models, root)
+    return models
+
+
 def real(folder: Path, root: Path, *, prefer_quantized: bool, refusals: bool) -> ModelSet:
     """A real SenseVoice folder used as both versions (the registry copies it twice)."""
     model_file = _model_file(folder, prefer_quantized)

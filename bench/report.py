@@ -19,7 +19,7 @@ import psutil
 
 from bench.common import Section, Table
 
-ORDER = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline")
+ORDER = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams")
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("onnxruntime", "funasr-onnx", "numpy", "fastapi", "uvicorn", "gunicorn", "httpx")
 
@@ -190,7 +190,27 @@ def findings(sections: dict[str, Section]) -> list[str]:
         text = _pipeline_finding(sections["pipeline"].data)
         if text:
             out.append(text)
+    if "streams" in sections:
+        out.append(_streams_finding(sections["streams"].data))
     return out
+
+
+def _streams_finding(d: dict[str, Any]) -> str:
+    levels = d["levels"]
+    best = levels.get(str(d["best"]))
+    text = "**Realtime streams.** " + (
+        f"One process held {d['best']} concurrent real-time streams with finalisation p95 under "
+        f"{d['goal_s']:g} s ({best['final_p95'] * 1000:.0f} ms; first delta p50 {best['first_delta_p50'] * 1000:.0f} "
+        f"ms, p95 {best['first_delta_p95'] * 1000:.0f} ms)" if best else
+        f"No level kept finalisation p95 under {d['goal_s']:g} s")
+    beyond = [(n, cell) for n, cell in levels.items() if int(n) > d["best"]]
+    if beyond:
+        n, cell = beyond[0]
+        lost = cell["lost"] + sum(cell["failed"].values())
+        text += (f"; at {n} streams p95 was {cell['final_p95'] * 1000:.0f} ms"
+                 + (f" and {lost} turns failed" if lost else "") + f", the server using {cell['server_cores']:.2f} "
+                 f"cores while other work on the machine took {cell.get('other_cores', 0):.2f}")
+    return text + ". The first delta waits for the turn's first piece (the segment length less the padding)."
 
 
 def _pipeline_finding(d: dict[str, Any]) -> str:

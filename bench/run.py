@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import common, memory, overhead, pipeline, report, shadow, startup, swaps, throughput
+from bench import common, memory, overhead, pipeline, report, shadow, startup, streams, swaps, throughput
 from bench.common import Bench, Profile, Section, loadavg
 
 PARTS: dict[str, Callable[[Bench], Section]] = {
@@ -27,6 +27,7 @@ PARTS: dict[str, Callable[[Bench], Section]] = {
     "startup": startup.run,
     "shadow": shadow.run,
     "pipeline": pipeline.run,
+    "streams": streams.run,
 }
 QUICK_OUT = Path("artifacts/benchmarks-quick.md")  # a smoke run must never overwrite the published report
 

@@ -17,7 +17,7 @@ from bench import run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]  # the throughput part runs voxswap under gunicorn with 2 workers
 
-SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline")
+SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_the_report_has_every_section_a_goal_table_and_the_run_context(
     _, text, raw = quick_report
     for title in ("## Summary", "## Machine and software", "## Commands", "## 1. Overhead", "## 2. Throughput",
                   "## 3. Swap under load", "## 4. Memory", "## 5. Start-up", "## 6. Shadow traffic",
-                  "## 7. Pipelines"):
+                  "## 7. Pipelines", "## 8. Realtime streams"):
         assert title in text
     assert "| benchmark" in text and "met?" in text
     assert "stand-in" in text and "--model-dir" in text and "Quick run" in text
@@ -119,3 +119,22 @@ def test_the_pipeline_numbers_are_sane(quick_report: tuple[Path, str, dict[str, 
         assert set(row["paths"]) == {"sensevoice", "asr-punc", "full"}
         for cell in row["paths"].values():
             assert cell["n"] == row["n"] and all(_positive(cell[k]) for k in ("p50", "ratio_p50", "inference_p50"))
+
+
+@pytest.fixture(scope="module")
+def streams_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-streams") / "benchmarks.md"
+    assert run.main(["--quick", "--only", "streams", "--out", str(out)]) == 0
+    assert "## 8. Realtime streams" in out.read_text()
+    data: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())["sections"]["streams"]["data"]
+    return data
+
+
+def test_realtime_streams_end_every_turn_and_time_it(streams_report: dict[str, Any]) -> None:
+    levels = streams_report["levels"]
+    assert set(levels) == {"1", "2"}  # the quick ramp, run to its end
+    for streams, cell in levels.items():
+        assert cell["failed"] == {} and cell["lost"] == 0 and cell["errors"] == []
+        assert cell["completed"] >= int(streams)  # every stream spoke at least one whole turn
+        assert all(_positive(cell[k]) for k in ("final_p95", "after_stop_p95", "first_delta_p50", "server_cores"))
+    assert streams_report["best"] in (0, 1, 2)
