@@ -19,7 +19,8 @@ import psutil
 
 from bench.common import Section, Table
 
-ORDER = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams")
+ORDER = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams", "floor", "sherpa",
+         "batching")
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("onnxruntime", "funasr-onnx", "numpy", "fastapi", "uvicorn", "gunicorn", "httpx")
 

@@ -16,7 +16,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import common, memory, overhead, pipeline, report, shadow, startup, streams, swaps, throughput
+from bench import (
+    batching,
+    common,
+    floor,
+    memory,
+    overhead,
+    pipeline,
+    report,
+    shadow,
+    sherpa,
+    startup,
+    streams,
+    swaps,
+    throughput,
+)
 from bench.common import Bench, Profile, Section, loadavg
 
 PARTS: dict[str, Callable[[Bench], Section]] = {
@@ -28,6 +42,9 @@ PARTS: dict[str, Callable[[Bench], Section]] = {
     "shadow": shadow.run,
     "pipeline": pipeline.run,
     "streams": streams.run,
+    "floor": floor.run,
+    "sherpa": sherpa.run,
+    "batching": batching.run,
 }
 QUICK_OUT = Path("artifacts/benchmarks-quick.md")  # a smoke run must never overwrite the published report
 
@@ -44,6 +61,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights-mb", type=int, help="generated model weights (default 240; quick 2)")
     parser.add_argument("--large-weights-mb", type=int, help="generated large model (default 900; 0 skips)")
     parser.add_argument("--compute-ms", type=float, help="generated model CPU ms per audio second (default 40)")
+    parser.add_argument("--arch", choices=("sensevoice-small", "matmul"), default="sensevoice-small",
+                        help="generated models: SenseVoice-small's real architecture and cost (default; int8, "
+                             "fp32 for the large rows), or the synthetic MatMul stand-in of --weights-mb and "
+                             "--compute-ms (always for --quick)")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a new temporary one, removed)")
     return parser.parse_args(argv)
 
@@ -90,7 +111,7 @@ def run(args: argparse.Namespace, *, command: str) -> str:
     try:
         large_needed = bool({"memory", "startup"} & set(parts))
         bench = _prepare(profile if large_needed else dataclasses.replace(profile, large_weights_mb=0),
-                         workdir, args.model_dir, out)
+                         workdir, args.model_dir, out, faithful=args.arch == "sensevoice-small" and not profile.quick)
         for name in parts:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             before, t0 = loadavg(), time.monotonic()
@@ -125,7 +146,7 @@ def _model_labels(bench: Bench) -> list[str]:
     return labels
 
 
-def _prepare(profile: Profile, workdir: Path, model_dir: Path | None, out: Path) -> Bench:
+def _prepare(profile: Profile, workdir: Path, model_dir: Path | None, out: Path, *, faithful: bool = False) -> Bench:
     """Models and registries in ``workdir``: generated stand-ins, or a real folder registered twice."""
     models_root = workdir / "models"
     large: common.ModelSet | None = None
@@ -135,6 +156,13 @@ def _prepare(profile: Profile, workdir: Path, model_dir: Path | None, out: Path)
         if (model_dir / "model.onnx").is_file() and (model_dir / "model_quant.onnx").is_file() \
                 and not profile.quick:
             large = common.real(model_dir, models_root / "large", prefer_quantized=False, refusals=False)
+            prefer_quantized_large = False
+    elif faithful:
+        print("[bench] generating SenseVoice-small stand-ins (int8) ...", file=sys.stderr, flush=True)
+        models = common.faithful(models_root, quantized=True, refusals=True)
+        if profile.large_weights_mb:
+            print("[bench] generating SenseVoice-small stand-ins (fp32) ...", file=sys.stderr, flush=True)
+            large = common.faithful(models_root / "large", quantized=False, refusals=False)
             prefer_quantized_large = False
     else:
         print(f"[bench] generating {profile.weights_mb} MB models ...", file=sys.stderr, flush=True)

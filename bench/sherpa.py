@@ -202,7 +202,7 @@ def run(bench: Bench, concurrencies: Sequence[int] = CONCURRENCIES) -> Section:
     folder, model_file, clip_s = models.a, models.model_file, profile.throughput_clip_s
     threads = threads_for(1)
     section = Section(
-        "sherpa", "sherpa-onnx's C++ runtime on the same graph",
+        "sherpa", "10. sherpa-onnx's C++ runtime on the same graph",
         f"One model file (`{model_file}`) decoded by sherpa-onnx's C++ `OfflineRecognizer` "
         f"(`from_sense_voice`, `num_threads={threads}`), by funasr-onnx called directly (voxswap's bare `Engine`, "
         f"one batch of *c* clips per session run) and by `voxswap serve` (1 worker, {threads} onnxruntime threads, "
