@@ -17,7 +17,8 @@ from bench import run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.long]  # the throughput part runs voxswap under gunicorn with 2 workers
 
-SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams")
+SECTIONS = ("overhead", "throughput", "swaps", "memory", "startup", "shadow", "pipeline", "streams", "floor", "sherpa",
+            "batching")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_the_report_has_every_section_a_goal_table_and_the_run_context(
     _, text, raw = quick_report
     for title in ("## Summary", "## Machine and software", "## Commands", "## 1. Overhead", "## 2. Throughput",
                   "## 3. Swap under load", "## 4. Memory", "## 5. Start-up", "## 6. Shadow traffic",
-                  "## 7. Pipelines", "## 8. Realtime streams"):
+                  "## 7. Pipelines", "## 8. Realtime streams", "## 9. voxswap's own cost", "## 10. sherpa-onnx",
+                  "## 11. Dynamic batching"):
         assert title in text
     assert "| benchmark" in text and "met?" in text
     assert "stand-in" in text and "--model-dir" in text and "Quick run" in text
@@ -47,6 +49,17 @@ def test_the_report_has_every_section_a_goal_table_and_the_run_context(
     assert len(raw["runs"]) == 1 and len(raw["runs"][0]["load_start"]) == 3
     goals = [g for s in raw["sections"].values() for g in s["goals"]]
     assert len(goals) >= 10 and all(g["met"] in (True, False, None) for g in goals)
+
+
+def test_the_floor_batching_and_sherpa_parts_measure_something(quick_report: tuple[Path, str, dict[str, Any]]) -> None:
+    _, _, raw = quick_report
+    floor = raw["sections"]["floor"]["data"]["p50"]
+    assert all(_positive(floor[k]) for k in ("direct", "echo", "voxswap"))
+    cells = raw["sections"]["batching"]["data"]["cells"]
+    assert set(cells) == {"1", "8"} and all(_positive(c["on"]) and _positive(c["off"]) for c in cells.values())
+    assert raw["sections"]["batching"]["data"]["mean_batch"] >= 1.0
+    said = [g for g in raw["sections"]["sherpa"]["goals"] if "decodes the stand-in" in g["name"]]
+    assert said and all(g["met"] for g in said)  # the same graph, read by both runtimes
 
 
 def test_overhead_and_throughput_numbers_are_sane(quick_report: tuple[Path, str, dict[str, Any]]) -> None:
