@@ -96,9 +96,12 @@ def run(bench: Bench) -> Section:
         rows.append([f"{mib(models.weights_bytes)} MiB ({name})", str(workers), str(repeats), f"{ready:.2f}",
                      f"{all_ready:.2f}" if workers > 1 else "-", f"{imports:.2f}", f"{phases['verify']:.2f}",
                      f"{phases['load']:.2f}", f"{phases['smoke']:.2f}", f"{bare:.2f}", ratio(ready / bare, 1)])
+        model_s = phases["verify"] + phases["load"] + phases["smoke"]
+        data[key]["outside_model_s"] = ready - model_s
         section.goals.append(Goal(f"start-up, {mib(models.weights_bytes)} MiB model, {workers} worker"
-                                  + ("s" if workers > 1 else ""), "(informational)",
-                                  f"{ready:.2f} s to ready vs {bare:.2f} s bare build", None))
+                                  + ("s" if workers > 1 else ""), "ready <= verify + load + smoke + 0.5 s",
+                                  f"{ready:.2f} s to ready: {ready - model_s:.2f} s outside the model's own phases "
+                                  f"({bare:.2f} s bare build)", ready - model_s <= 0.5))
     section.tables.append(Table(["model", "workers", "runs", "to ready s", "every worker s", "imports s",
                                  "verify s", "load s", "smoke s", "bare build s", "ready / bare"], rows))
     section.notes.append("Start-up = interpreter and imports + verify (sha256 of every file) + load + smoke "
