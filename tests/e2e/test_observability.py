@@ -92,6 +92,7 @@ PER_MODEL_LABELS: dict[str, set[str]] = {
     "voxswap_realtime_first_delta_seconds": {"model"},
     "voxswap_realtime_finalize_seconds": {"model"},
     "voxswap_realtime_audio_seconds_total": {"model"},
+    "voxswap_batch_requests": {"model"},
 }
 # a per-model family named in PromQL, a histogram by any of its series
 PER_MODEL_METRIC = re.compile(
@@ -397,7 +398,9 @@ def test_every_dashboard_and_alert_query_runs_on_a_real_prometheus_scraping_a_sw
                    and api.query(f'rate(voxswap_inference_duration_seconds_count{{model="{model}", version="b"}}[5s])'
                                  ' > 0')
                    and api.query(f'voxswap_swaps_total{{model="{model}", outcome="load_failed"}}')
-                   and api.query(f'rate(voxswap_realtime_finalize_seconds_count{{model="{model}"}}[5s]) > 0'),
+                   and api.query(f'rate(voxswap_realtime_finalize_seconds_count{{model="{model}"}}[5s]) > 0')
+                   and api.query(f'rate(voxswap_realtime_first_delta_seconds_count{{model="{model}"}}[5s]) > 0')
+                   and api.query(f'rate(voxswap_batch_requests_count{{model="{model}"}}[5s]) > 0'),
                    timeout_s=30, interval_s=0.2,
                    message=f"Prometheus to see {model}@b serve, the refusal and realtime turns end")
         # the refused swap fires its alert (the first failure creates its series, so this also
