@@ -66,7 +66,7 @@ def _started_at(session: Session) -> dict[str, float]:
             if e["type"] == "input_audio_buffer.speech_started"}
 
 
-@pytest.mark.parametrize("change", ["update", "rollback"])
+@pytest.mark.parametrize("change", ["update", pytest.param("rollback", marks=pytest.mark.long)])
 def test_a_swap_under_four_live_sessions_completes_every_turn_on_the_version_that_began_it(
         change: str, registry: Registry, serve: Callable[..., tuple[str, FastAPI]]) -> None:
     if change == "rollback":  # b is live, a the previous version a rollback returns to

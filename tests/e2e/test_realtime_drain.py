@@ -144,7 +144,7 @@ def handshake_status(base_url: str) -> int:
         return exc.response.status_code
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["uvicorn", "gunicorn-2-workers"])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.long)], ids=["uvicorn", "gunicorn-2-workers"])
 def test_sigterm_mid_utterance_completes_every_open_turn_then_closes_1012_and_exits_0(
     reg: Registry, servers: list[ServerProcess], tmp_path: Path, workers: int
 ) -> None:
