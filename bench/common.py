@@ -235,7 +235,12 @@ def add_refusals(models: ModelSet, root: Path) -> None:
 
 
 def make_registry(root: Path, models: ModelSet) -> Registry:
+    """As ``voxswap registry add`` does: each version's graphs prepared for this host at add, so no
+    server's first load of it has to make them (a one-off peak of about 2x the file)."""
+    from server.lifecycle.builder import graph_maker
+
     registry = Registry(root).ensure()
+    registry.preparer = graph_maker("cpu", prefer_quantized=models.model_file == "model_quant.onnx")
     registry.add(models.a, "a", source="bench")
     registry.add(models.b, "b", source="bench")
     if models.broken is not None:

@@ -206,8 +206,9 @@ def run(bench: Bench, concurrencies: Sequence[int] = CONCURRENCIES) -> Section:
         f"One model file (`{model_file}`) decoded by sherpa-onnx's C++ `OfflineRecognizer` "
         f"(`from_sense_voice`, `num_threads={threads}`), by funasr-onnx called directly (voxswap's bare `Engine`, "
         f"one batch of *c* clips per session run) and by `voxswap serve` (1 worker, {threads} onnxruntime threads, "
-        f"its batcher on), each in its own process, on a {clip_s:g} s clip, in {profile.throughput_rounds} windows "
-        f"of {profile.throughput_s:g} s per cell taken in turn. *c callers*: c threads each decoding one clip on "
+        f"its default settings), each in its own process, on a {clip_s:g} s clip, in "
+        f"{profile.throughput_rounds} windows of {profile.throughput_s:g} s per cell taken in turn. "
+        "*c callers*: c threads each decoding one clip on "
         "one recognizer; *batch*: `decode_streams` on c clips at once, as sherpa-onnx's own server batches. "
         "voxswap's clients are closed-loop HTTP clients on the same machine.")
     if importlib.util.find_spec("sherpa_onnx") is None:

@@ -100,9 +100,11 @@ class Settings(BaseSettings):
     segment_batch_size: int = Field(4, ge=1, le=64)
     """Segments of one long file run through the model together (memory grows with it)."""
 
-    batch_max_size: int = Field(8, ge=1, le=64)
-    """Requests that arrive together are run as one session call, up to this many (1: no batching).
-    Each answer still names the version that computed it; a batch never mixes versions."""
+    batch_max_size: int = Field(1, ge=1, le=64)
+    """Requests that arrive together are run as one session call, up to this many (1: no batching,
+    the default: on 2 cores with SenseVoice-small's cost a batch of 8 gave 0.89x the throughput, while
+    a cheap model's requests gained 1.36x; see docs/benchmarks.md, section 11). Each answer still
+    names the version that computed it; a batch never mixes versions."""
 
     batch_wait_ms: float = Field(5.0, ge=0, le=100)
     """An incomplete batch waits this long for more, only while requests have been arriving closer

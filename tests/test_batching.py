@@ -44,7 +44,7 @@ def test_requests_that_arrive_together_share_session_calls_and_keep_their_own_an
         slow: Registry, make_settings: Callable[..., Settings]) -> None:
     clips = [synth.wav_bytes(synth.speech_like(1.0 + 0.25 * i, seed=i)) for i in range(12)]
     clips[5] = b"RIFF this is not audio"  # one bad upload in the crowd
-    with serve_in_thread(create_app(make_settings(inference_workers=1, max_queue=32))) as url, \
+    with serve_in_thread(create_app(make_settings(inference_workers=1, max_queue=32, batch_max_size=8))) as url, \
             ThreadPoolExecutor(12) as senders:
         answers = list(senders.map(lambda clip: _post(url, clip), clips))
         batches = _batches(httpx.get(f"{url}/metrics").text)
@@ -62,7 +62,7 @@ def test_requests_that_arrive_together_share_session_calls_and_keep_their_own_an
 def test_a_swap_during_batched_load_never_mixes_versions(slow: Registry,
                                                          make_settings: Callable[..., Settings]) -> None:
     clip = synth.wav_bytes(synth.speech_like(1.5, seed=3))
-    with serve_in_thread(create_app(make_settings(inference_workers=1, max_queue=64))) as url, \
+    with serve_in_thread(create_app(make_settings(inference_workers=1, max_queue=64, batch_max_size=8))) as url, \
             ThreadPoolExecutor(9) as senders:
         first = [senders.submit(_post, url, clip) for _ in range(16)]
         swap = senders.submit(httpx.post, f"{url}/admin/model/update", json={"version": "slow-b"}, headers=AUTH,
