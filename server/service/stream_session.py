@@ -157,7 +157,8 @@ class StreamSession:
             raise CommitEmpty("the input audio buffer holds no turn to commit"
                               + (": with server_vad, turns are committed when speech stops"
                                  if self.config.turn_detection else ""))
-        self._take(self._resampler.flush(), [])
+        # the resampler's last few milliseconds stay in it and come out with the next append: the
+        # buffer and the detector count the same samples, so their positions never drift apart
         self._end_turn(self._position, stopped=False)
         if self._detector is not None:
             self._detector.reset()
@@ -182,7 +183,6 @@ class StreamSession:
     def end_open_turn(self) -> None:
         """The drain's deadline: commit what is pending now."""
         if self._turn is not None:
-            self._take(self._resampler.flush(), [])
             self._end_turn(self._position, stopped=self.config.turn_detection is not None)
 
     @property
