@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from server.errors import Forbidden, Unauthorized
 from server.service.context import AppContext
@@ -87,9 +88,10 @@ async def get_client(request: Request) -> Client:
 ClientDep = Annotated[Client, Depends(get_client)]
 
 
-def canary_key(request: Request) -> str:
+def canary_key(request: HTTPConnection) -> str:
     """Who a client is, for a canary's split (one client, one version): ``X-Canary-Key``, else its
-    address (uvicorn takes it from ``X-Forwarded-For`` when the peer is a trusted proxy)."""
+    address (uvicorn takes it from ``X-Forwarded-For`` when the peer is a trusted proxy). A request
+    or a realtime WebSocket alike."""
     key = request.headers.get("x-canary-key", "").strip()
     if key:
         return key[:200]

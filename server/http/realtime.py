@@ -19,6 +19,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from server.errors import InvalidRequest, VoxswapError
+from server.http.deps import canary_key
 from server.http.middleware import deny_websocket
 from server.http.realtime_schemas import updated_config
 from server.service import realtime_events as events
@@ -48,8 +49,7 @@ async def realtime(websocket: WebSocket, intent: str | None = None, model: str |
     await websocket.accept()
     outbox: asyncio.Queue[events.Event | tuple[int, str]] = asyncio.Queue()
     session = ctx.streams.open(outbox.put_nowait)
-    session.client_key = (websocket.headers.get("x-canary-key", "").strip()[:200]
-                          or (websocket.client.host if websocket.client else ""))
+    session.client_key = canary_key(websocket)
     sender = asyncio.create_task(_send_all(websocket, outbox), name="voxswap-realtime-sender")
     log.info("realtime session opened", extra={"event": "realtime_open", "session": session.id})
     code, reason = NORMAL, "session ended"
